@@ -1,0 +1,246 @@
+"""Typed run configuration: dataclass defaults < YAML file < dotted CLI overrides.
+
+Every value is checked once, here, before any work starts: unknown keys (with the nearest
+valid names), wrong types and out-of-range values all raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file, key or value the user has to fix."""
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {why}")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"
+    """folder that holds MNIST/raw/ (torchvision's layout); relative paths are from the working dir"""
+    download: bool = True
+    """download MNIST into `root` when it is missing (needs network; main process first)"""
+    train_samples: int = 0
+    """use only the first N training images (for quick runs and tests); 0 = all 60,000"""
+    test_samples: int = 0
+    """evaluate on only the first N test images; 0 = all 10,000 (the reported metrics)"""
+
+    def __post_init__(self) -> None:
+        _check(self.train_samples >= 0, "data.train_samples", "must be >= 0 (0 = all)")
+        _check(self.test_samples >= 0, "data.test_samples", "must be >= 0 (0 = all)")
+
+
+@dataclass
+class NoiseConfig:
+    factor: float = 0.5
+    """std of the additive Gaussian noise, in pixel units (pixels are in [0, 1])"""
+    eval_seed: int = 1234
+    """seed of the fixed evaluation noise; independent of train.seed so runs compare"""
+
+    def __post_init__(self) -> None:
+        _check(self.factor >= 0, "noise.factor", f"must be >= 0, got {self.factor}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "conv_denoiser"
+    """which model to train; only the reference `conv_denoiser` exists so far"""
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got '{self.name}'")
+
+
+MODEL_NAMES = ("conv_denoiser",)
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    """passes over the training set"""
+    max_steps: int = 0
+    """stop after this many optimizer steps in total; 0 = run all epochs"""
+    per_device_batch_size: int = 20
+    """images per process per micro-step; global batch = this x processes x accumulation"""
+    gradient_accumulation_steps: int = 1
+    """micro-steps per optimizer step"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    seed: int = 0
+    """seeds the data order and the training noise; the same on every process"""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (fp16 needs CUDA); 'no' defers to accelerate launch --mixed_precision"""
+    max_grad_norm: float = 0.0
+    """clip the global L2 norm of the gradients to this; 0 disables"""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = no limit), got {self.max_steps}")
+        _check(self.per_device_batch_size >= 1, "train.per_device_batch_size",
+               f"must be >= 1, got {self.per_device_batch_size}")
+        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
+               f"must be >= 1, got {self.gradient_accumulation_steps}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        _check(self.mixed_precision in MIXED_PRECISIONS, "train.mixed_precision",
+               f"must be one of {MIXED_PRECISIONS}, got '{self.mixed_precision}'")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
+
+
+@dataclass
+class EvalConfig:
+    per_device_batch_size: int = 1000
+    """test images per process per forward pass (no gradients, so large is fine)"""
+    every_n_epochs: int = 1
+    """evaluate after every N-th epoch; the end of training is always evaluated"""
+    num_sample_images: int = 10
+    """digits shown in each samples PNG (the first test image of each class, then the next ones)"""
+
+    def __post_init__(self) -> None:
+        _check(self.per_device_batch_size >= 1, "eval.per_device_batch_size",
+               f"must be >= 1, got {self.per_device_batch_size}")
+        _check(self.every_n_epochs >= 1, "eval.every_n_epochs", f"must be >= 1, got {self.every_n_epochs}")
+        _check(1 <= self.num_sample_images <= 64, "eval.num_sample_images",
+               f"must be in [1, 64], got {self.num_sample_images}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0
+    """also save every N optimizer steps; 0 = only at the end of each epoch"""
+    keep_last: int = 2
+    """how many checkpoints to keep (the oldest are deleted)"""
+    resume: str = "auto"
+    """auto (newest checkpoint in output_dir, if any) | none | a checkpoint folder"""
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", f"must be >= 0, got {self.every_n_steps}")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(self.resume != "", "checkpoint.resume", "must be auto, none or a checkpoint folder")
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"
+    """online | offline (sync later with `wandb sync`) | disabled; never prompts"""
+    wandb_project: str = "mnist-denoise"
+    """wandb project name"""
+    every_n_steps: int = 100
+    """log train/loss and train/images_per_s every N optimizer steps"""
+
+    def __post_init__(self) -> None:
+        _check(self.wandb_mode in WANDB_MODES, "logging.wandb_mode",
+               f"must be one of {WANDB_MODES}, got '{self.wandb_mode}'")
+        _check(self.every_n_steps >= 1, "logging.every_n_steps", f"must be >= 1, got {self.every_n_steps}")
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/default"
+    """where config.yaml, metrics.jsonl, samples, checkpoints and model.safetensors go"""
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.output_dir != "", "output_dir", "must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, expected: type, key: str) -> Any:
+    """Check one YAML value against a field's type; ints are accepted where floats are."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+    raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {shown}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            valid = [f"{prefix}{n}" for n in fields]
+            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}?" if near else f"valid keys here: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{key}': {hint}")
+        ftype = types[name]
+        if dataclasses.is_dataclass(ftype):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section: give it as a mapping of keys, got {value!r}")
+            kwargs[name] = _build(ftype, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, ftype, key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.epochs=3)")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw  # not valid YAML on its own (e.g. 'a: b'): keep it as the string it is
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the run's config: dataclass defaults, then the YAML file, then `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found: pass an existing file to --config (see configs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of sections, got {type(loaded).__name__}")
+        values = loaded or {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return _build(Config, values, "")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

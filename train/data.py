@@ -1,0 +1,123 @@
+"""MNIST as two uint8 tensors on the training device, and the per-rank order of its samples.
+
+MNIST is 47 MB: it lives on the device for the whole run and batches are gathered there by
+index, so there is no DataLoader, no per-sample Python and no host-to-device copy per step.
+The training order comes from torch's `DistributedSampler` (shuffled by seed and epoch),
+used directly and never passed through `accelerator.prepare`, which would shard it twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from train.errors import UserError
+
+IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
+
+
+class DataError(UserError):
+    """MNIST missing, unreadable or not what it should be."""
+
+
+@dataclass
+class Split:
+    """One MNIST split: images (N, 1, 28, 28) uint8 and labels (N,) int64, on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Clean float32 images in [0, 1] for `indices` (a tensor on the same device)."""
+        return self.images[indices].to(torch.float32).div_(255.0)
+
+
+def _load_split(root: Path, train: bool, download: bool) -> Split:
+    from torchvision.datasets import MNIST  # deferred: torchvision is slow to import
+
+    raw = root / "MNIST" / "raw"
+    try:
+        ds = MNIST(root=str(root), train=train, download=download)
+    except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, AssertionError...
+        missing = not (raw.is_dir() and any(raw.iterdir()))
+        if missing:
+            how = "download failed (no network?)" if download else "data.download is false"
+            raise DataError(
+                f"MNIST not found in {raw} and {how}: put the four MNIST IDX files there "
+                f"or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"
+            ) from e
+        raise DataError(
+            f"MNIST files in {raw} could not be read ({type(e).__name__}: {e}): "
+            f"replace them with a good copy (delete them and set data.download=true, or point data.root elsewhere)"
+        ) from e
+    images, labels = ds.data, ds.targets
+    expected = 60_000 if train else 10_000
+    if images.dtype != torch.uint8 or tuple(images.shape) != (expected, 28, 28) or len(labels) != expected:
+        raise DataError(
+            f"MNIST {'train' if train else 'test'} split in {raw} has images {tuple(images.shape)} "
+            f"{images.dtype}, expected ({expected}, 28, 28) uint8: replace the files with a good copy"
+        )
+    return Split(images.unsqueeze(1).contiguous(), labels.to(torch.int64))
+
+
+def load_mnist(root: str, download: bool, device: torch.device, train_samples: int = 0,
+               test_samples: int = 0) -> tuple[Split, Split]:
+    """Both splits, truncated to the first N samples where N > 0, moved to `device` once."""
+    splits = []
+    for train, limit in ((True, train_samples), (False, test_samples)):
+        split = _load_split(Path(root), train, download)
+        if limit:
+            split = Split(split.images[:limit], split.labels[:limit])
+        splits.append(Split(split.images.to(device), split.labels.to(device)))
+    return splits[0], splits[1]
+
+
+class EpochOrder:
+    """Which training samples this rank uses at each micro-step of an epoch.
+
+    Global micro-batch k is positions [k*G, (k+1)*G) of the epoch's shuffled order
+    (G = per-device batch x world size): `DistributedSampler` deals position p to rank
+    p % world, so rank r's k-th batch of b samples is exactly its share of that slice.
+    The same seed therefore gives the same global batches on 1 process with batch G as on
+    G/b processes with batch b.
+
+    The remainder (len % G samples, fewer than one global batch) is left out of that epoch,
+    for every world size alike; the sampler's padding, which lies past the last full global
+    batch, is never used. Shuffling changes which samples are left out each epoch.
+    """
+
+    def __init__(self, num_samples: int, per_device_batch_size: int, num_replicas: int, rank: int, seed: int):
+        self.per_device_batch_size = per_device_batch_size
+        global_batch = per_device_batch_size * num_replicas
+        self.steps_per_epoch = num_samples // global_batch  # micro-steps
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the training set ({num_samples} images) is smaller than one global micro-batch "
+                f"({per_device_batch_size} per device x {num_replicas} processes): lower "
+                f"train.per_device_batch_size or use more data"
+            )
+        # The sampler only needs len(); a range avoids materializing the dataset.
+        self._sampler = DistributedSampler(range(num_samples), num_replicas=num_replicas, rank=rank,
+                                           shuffle=True, seed=seed, drop_last=False)
+
+    def epoch_indices(self, epoch: int, device: torch.device) -> torch.Tensor:
+        """This rank's sample indices for `epoch`, shape (steps_per_epoch, per_device_batch_size)."""
+        self._sampler.set_epoch(epoch)
+        order = torch.tensor(list(self._sampler), dtype=torch.int64)
+        used = order[: self.steps_per_epoch * self.per_device_batch_size]
+        return used.view(self.steps_per_epoch, self.per_device_batch_size).to(device)
+
+
+def eval_shard(num_samples: int, num_replicas: int, rank: int) -> torch.Tensor:
+    """Test indices this rank evaluates: rank r takes r, r+W, r+2W, ... with no padding.
+
+    Together the ranks cover each test image exactly once; shards differ in length by at
+    most one, which the metrics' gather handles (see metrics.evaluate).
+    """
+    return torch.arange(rank, num_samples, num_replicas, dtype=torch.int64)

@@ -1,0 +1,76 @@
+"""Building the `Accelerator`: device, process group and mixed precision, checked once.
+
+Two launch mistakes are caught here rather than trained through:
+- N processes started on a machine without CUDA, where accelerate (unless told to use the
+  CPU) gives each process a world of 1: N copies of the job train alone, silently.
+- `train.mixed_precision` and `accelerate launch --mixed_precision` asking for different
+  precisions, or fp16 where there is no CUDA (accelerate would silently run fp32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+from train.config import MIXED_PRECISIONS
+from train.errors import UserError
+
+
+class LaunchError(UserError):
+    """The processes were started in a way that cannot train correctly."""
+
+
+def resolve_mixed_precision(configured: str, launcher: str | None, cuda: bool) -> str:
+    """One effective precision from the config and the launcher's flag (env ACCELERATE_MIXED_PRECISION).
+
+    'no' on either side defers to the other (the launcher passes 'no' when its flag is not
+    given); two different real precisions are a conflict. fp16 needs CUDA.
+    """
+    launcher = (launcher or "no").lower()
+    if launcher not in MIXED_PRECISIONS:
+        raise LaunchError(
+            f"accelerate launch --mixed_precision={launcher} is not supported here: use one of {MIXED_PRECISIONS}"
+        )
+    if configured != "no" and launcher != "no" and configured != launcher:
+        raise LaunchError(
+            f"train.mixed_precision={configured} conflicts with accelerate launch --mixed_precision={launcher}: "
+            f"drop one of them or make them agree"
+        )
+    effective = configured if configured != "no" else launcher
+    if effective == "fp16" and not cuda:
+        raise LaunchError("fp16 needs a CUDA GPU and there is none: use train.mixed_precision=bf16 (or no) on the CPU")
+    return effective
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (torchrun / accelerate set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_accelerator(mixed_precision: str) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    effective = resolve_mixed_precision(mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda)
+    # Without CUDA, accelerate forms a gloo group only when told to use the CPU.
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=effective)
+    launched = launched_world_size()
+    if accelerator.num_processes != launched:
+        raise LaunchError(
+            f"{launched} processes were launched but each sees a world of {accelerator.num_processes}: they "
+            f"would train alone; on CPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            f"--num_processes {launched} (or torchrun)"
+        )
+    return accelerator
+
+
+def describe(accelerator: Accelerator) -> dict[str, object]:
+    """The distributed settings really in effect, for the log and the output folder."""
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    return {
+        "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1],
+        "world_size": accelerator.num_processes,
+        "backend": backend,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+    }

@@ -1,0 +1,226 @@
+"""The training loop: micro-batches gathered on the device, noise made there, gradients
+accumulated without all-reduce until the optimizer step, evaluation and checkpoints at epoch
+ends. Runs identically on every rank; what is shown or written goes through the tracker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torchvision.utils import save_image
+
+from train import checkpoint, metrics, noise
+from train.checkpoint import TrainerState
+from train.config import Config
+from train.data import EpochOrder, Split
+from train.errors import UserError
+from train.tracking import NullTracker
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many micro- and optimizer steps the run has. An epoch's last accumulation
+    window may be shorter than `gradient_accumulation_steps`; it still steps."""
+
+    micro_steps_per_epoch: int
+    accumulation: int
+    epochs: int
+    max_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_steps_per_epoch / self.accumulation)
+
+    @property
+    def total_steps(self) -> int:
+        full = self.epochs * self.steps_per_epoch
+        return min(full, self.max_steps) if self.max_steps else full
+
+    def window_len(self, micro_step: int) -> int:
+        """Micro-batches in the accumulation window that holds `micro_step` (0-based, in the epoch)."""
+        start = micro_step - micro_step % self.accumulation
+        return min(self.accumulation, self.micro_steps_per_epoch - start)
+
+    def is_boundary(self, micro_step: int) -> bool:
+        """True on the micro-step that ends its window: gradients sync and the optimizer steps."""
+        start = micro_step - micro_step % self.accumulation
+        return micro_step + 1 == start + self.window_len(micro_step)
+
+
+def sample_indices(split: Split, n: int) -> torch.Tensor:
+    """A fixed set of test digits to show: the first image of each class, then the next ones."""
+    labels = split.labels.cpu()
+    firsts = [int((labels == c).nonzero()[0]) for c in range(10) if (labels == c).any()]
+    rest = [i for i in range(len(labels)) if i not in set(firsts)]
+    return torch.tensor((firsts + rest)[:n], dtype=torch.int64)
+
+
+@torch.no_grad()
+def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, factor: float, seed: int, path: Path) -> None:
+    """A PNG with one column per digit and rows noisy / denoised / clean."""
+    clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), factor, seed)
+    out = model(noisy).float()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat([noisy, out, clean]), str(path), nrow=len(indices), padding=2, pad_value=0.5)
+
+
+class Trainer:
+    """Owns the run's moving parts; `fit()` trains from `state` to the end of the schedule."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 train_split: Split, test_split: Split, state: TrainerState, tracker: NullTracker) -> None:
+        self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
+        self.train_split, self.test_split, self.state, self.tracker = train_split, test_split, state, tracker
+        self.output_dir = Path(cfg.output_dir)
+        tc = cfg.train
+        self.order = EpochOrder(len(train_split), tc.per_device_batch_size, accelerator.num_processes,
+                                accelerator.process_index, tc.seed)
+        self.schedule = Schedule(self.order.steps_per_epoch, tc.gradient_accumulation_steps, tc.epochs, tc.max_steps)
+        self.global_batch = tc.per_device_batch_size * accelerator.num_processes  # images per micro-step
+        self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
+
+    # -- one micro-step ------------------------------------------------------------------
+    def _micro_step(self, indices: torch.Tensor, epoch: int, micro_step: int) -> torch.Tensor:
+        clean = self.train_split.batch(indices)
+        noisy = noise.add_noise(clean, indices, self.cfg.noise.factor, self.cfg.train.seed, epoch)
+        boundary = self.schedule.is_boundary(micro_step)
+        # We pick the sync step ourselves instead of `accelerator.accumulate`: that one keys the
+        # end of an epoch off a prepared DataLoader, which this job does not use (it would
+        # shard the sampler twice). `no_sync` skips DDP's all-reduce on non-boundary steps.
+        sync = contextlib.nullcontext() if boundary else self.accelerator.no_sync(self.model)
+        with sync:
+            out = self.model(noisy)
+            loss = F.mse_loss(out.float(), clean)  # fp32 loss, whatever the autocast dtype
+            # Mean over the window's samples: a short last window weighs its micro-batches
+            # up, so every optimizer step sees the mean gradient of the images it used.
+            # (accelerator.backward divides by its own accumulation steps, 1 here.)
+            self.accelerator.backward(loss / self.schedule.window_len(micro_step))
+        return loss.detach()
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.train.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()  # under fp16, the scaler skips steps with inf/NaN gradients
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> None:
+        s, sched, cfg = self.state, self.schedule, self.cfg
+        total = sched.total_steps
+        self.tracker.progress(total=total, initial=s.step)
+        window = _ThroughputWindow(self.accelerator, self.global_batch)
+        while s.step < total and s.epoch < sched.epochs:
+            epoch_indices = self.order.epoch_indices(s.epoch, self.accelerator.device)
+            while s.micro_step < sched.micro_steps_per_epoch and s.step < total:
+                m = s.micro_step
+                window.add_loss(self._micro_step(epoch_indices[m], s.epoch, m))
+                s.micro_step += 1
+                if not sched.is_boundary(m):
+                    continue
+                self._optimizer_step()
+                s.step += 1
+                window.add_step(sched.window_len(m))
+                self.tracker.advance()
+                if s.step % cfg.logging.every_n_steps == 0:
+                    self._log_train(window)
+                if cfg.checkpoint.every_n_steps and s.step % cfg.checkpoint.every_n_steps == 0:
+                    self._checkpoint(window)
+            if s.micro_step == sched.micro_steps_per_epoch:  # a whole epoch: evaluate, move on
+                s.epoch, s.micro_step = s.epoch + 1, 0
+                due = s.epoch % cfg.eval.every_n_epochs == 0 or s.epoch == sched.epochs or s.step >= total
+                self._checkpoint(window, eval_epoch=s.epoch if due else None)
+        if s.micro_step != 0:  # stopped mid-epoch by max_steps: the end is always evaluated
+            self._checkpoint(window, eval_epoch=s.epoch + s.micro_step / sched.micro_steps_per_epoch)
+        self.tracker.finish()
+
+    def _log_train(self, window: "_ThroughputWindow") -> None:
+        loss, images_per_s = window.read()  # syncs the device: only on logging steps
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss} by step {self.state.step}: lower train.lr, set train.max_grad_norm "
+                f"(e.g. 1.0), or use bf16 instead of fp16; the last good checkpoint is kept"
+            )
+        record = {"step": self.state.step, "epoch": self.state.epoch, "train/loss": loss}
+        if images_per_s is not None:
+            record["train/images_per_s"] = images_per_s
+        self.tracker.log(record)
+        self.tracker.advance(0, loss=f"{loss:.4f}")
+
+    def _evaluate(self, epoch: float) -> None:
+        model = self.accelerator.unwrap_model(self.model)  # no DDP hooks needed without gradients
+        ev, ec = self.cfg.eval, self.cfg.noise
+        result = metrics.evaluate(model, self.test_split, self.accelerator, ec.factor, ec.eval_seed,
+                                  ev.per_device_batch_size)
+        record = {"step": self.state.step, "epoch": round(epoch, 4), **result}
+        self.tracker.log(record)
+        self.tracker.info(
+            f"step {self.state.step} epoch {epoch:g}: test PSNR {result['eval/psnr_db']:.2f} dB "
+            f"(noisy {result['eval/noisy_psnr_db']:.2f} dB), SSIM {result['eval/ssim']:.4f}, "
+            f"MSE {result['eval/mse']:.5f}"
+        )
+        if self.accelerator.is_main_process:
+            path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
+            save_samples(model, self.test_split, self.sample_indices, ec.factor, ec.eval_seed, path)
+            self.tracker.log_image("eval/samples", path, self.state.step)
+
+    def _checkpoint(self, window: "_ThroughputWindow", eval_epoch: float | None = None) -> None:
+        """Log the open window, maybe evaluate, save. Logging first also means a diverged model
+        is never checkpointed; neither evaluating nor saving counts as training time."""
+        if window.pending_steps:
+            self._log_train(window)
+        if eval_epoch is not None:
+            self._evaluate(eval_epoch)
+        checkpoint.save(self.accelerator, self.output_dir, self.state, self.cfg.checkpoint.keep_last)
+        window.restart()
+
+
+class _ThroughputWindow:
+    """Loss and global images/s over the optimizer steps since the last read.
+
+    The first optimizer step after a (re)start is warm-up (allocator, autotuning): it is left
+    out of throughput, as is time spent evaluating and saving.
+    """
+
+    def __init__(self, accelerator: Accelerator, global_batch: int) -> None:
+        self.accelerator, self.global_batch = accelerator, global_batch
+        self.warm = False
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.accelerator.device)
+        self.micro_batches = 0
+        self.pending_steps = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss  # stays on the device: no sync per step
+        self.micro_batches += 1
+
+    def add_step(self, micro_batches: int) -> None:
+        self.pending_steps += 1
+        if not self.warm:  # the clock starts after the warm-up step
+            self.warm, self.t0 = True, time.perf_counter()
+            return
+        self.images += micro_batches * self.global_batch
+
+    def read(self) -> tuple[float, float | None]:
+        """(mean train loss over all ranks, global images/s; None if only warm-up was timed)."""
+        mean = self.accelerator.reduce(self.loss_sum / max(self.micro_batches, 1), reduction="mean")
+        loss = mean.item()  # a device sync, so the clock below is read after the work is done
+        elapsed = time.perf_counter() - self.t0
+        images_per_s = self.images / elapsed if self.images and elapsed > 0 else None
+        self.restart()
+        return loss, images_per_s

@@ -1,0 +1,146 @@
+"""Train the MNIST denoising autoencoder.
+
+    # one process (CPU, or one GPU):
+    accelerate launch train/main.py --config configs/default.yaml data.root=/data/mnist
+    # all GPUs of one node:
+    accelerate launch --multi_gpu --num_processes 8 train/main.py --config configs/default.yaml
+    # several processes on a machine without GPUs (gloo):
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train/main.py
+    # two nodes, 8 GPUs each (run on each node with its --machine_rank; see slurm/):
+    accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank $NODE_RANK \\
+        --main_process_ip $MASTER_ADDR --main_process_port 29500 train/main.py
+
+Overrides follow the script as section.key=value (YAML scalars), e.g. train.epochs=3.
+Exit status: 0 done, 2 a mistake to fix (one line on stderr says which), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Run as a script, this folder would be sys.path[0] and shadow stdlib/third-party modules
+# with ours; put the repository root there instead so `train.*` imports work uninstalled.
+if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from train.errors import UserError  # noqa: E402
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UserError(f"{message}: usage is main.py [--config FILE] [--debug] [section.key=value ...]")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (defaults: configs/default.yaml's values)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors too")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    from train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # all config errors before any heavy import
+
+    import torch
+
+    from train import checkpoint
+    from train.data import load_mnist
+    from train.distributed import build_accelerator, describe
+    from train.loop import Trainer
+    from train.model import build_model
+    from train.tracking import build_tracker
+
+    accelerator = build_accelerator(cfg.train.mixed_precision)
+    output_dir = Path(cfg.output_dir)
+    setup = describe(accelerator)
+    resume_from = _prepare_output_dir(accelerator, cfg, setup, checkpoint)
+
+    # Download once: the global main process first, then (for nodes without a shared
+    # filesystem) each node's local main process, then everyone else reads the files.
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
+                                             cfg.data.train_samples, cfg.data.test_samples)
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
+    model = build_model(cfg.model.name)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    compat = {
+        "model.name": cfg.model.name,
+        "global_micro_batch": cfg.train.per_device_batch_size * accelerator.num_processes,
+        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train.seed": cfg.train.seed,
+        "data.train_samples": cfg.data.train_samples,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+    state = checkpoint.TrainerState(compat=compat)
+    if resume_from is not None:
+        state = checkpoint.load(accelerator, resume_from, compat)
+    if not state.run_id:
+        import secrets
+
+        state.run_id = secrets.token_hex(4)  # the wandb run id; only the main process uses it
+
+    tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
+                            cfg.logging.wandb_project, state.run_id,
+                            resume_step=state.step if resume_from is not None else None)
+    tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
+    n_params = sum(p.numel() for p in model.parameters())
+    tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {output_dir}")
+    if resume_from is not None:
+        tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
+
+    trainer = Trainer(cfg, accelerator, model, optimizer, train_split, test_split, state, tracker)
+    trainer.fit()
+    accelerator.wait_for_everyone()
+    accelerator.save_model(model, str(output_dir))  # model.safetensors, on the main process
+    tracker.info(f"done: {state.step} steps; weights in {output_dir / 'model.safetensors'}")
+    accelerator.end_training()
+
+
+def _prepare_output_dir(accelerator, cfg, setup: dict, checkpoint) -> Path | None:
+    """Create output_dir, write the resolved config and the settings in effect, and pick the
+    checkpoint to resume from."""
+    import json
+
+    from train.config import save_config
+
+    output_dir = Path(cfg.output_dir)
+    resume_from = checkpoint.find_resume(output_dir, cfg.checkpoint.resume)
+    if resume_from is None and cfg.checkpoint.resume == "none" and checkpoint.has_checkpoints(output_dir):
+        raise UserError(
+            f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
+            f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
+        )
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, output_dir / "config.yaml")
+            (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write to output_dir {output_dir} ({e.strerror}): choose a writable folder") from e
+    accelerator.wait_for_everyone()
+    return resume_from
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("DENOISE_DEBUG") == "1"
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Evaluation: test MSE, PSNR and SSIM of the denoised images, and the noisy-input baseline.
+
+Each rank scores its own shard of the test set per image; the per-image scores are gathered
+and put back in test-set order, so every rank averages the same 10,000 numbers in the same
+order: the metrics do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from train import noise
+from train.data import Split, eval_shard
+
+_SSIM_WINDOW = 11  # pixels; Gaussian window of Wang et al. (2004)
+_SSIM_SIGMA = 1.5  # pixels
+_SSIM_C1 = 0.01**2  # (K1 * data range)^2, data range 1
+_SSIM_C2 = 0.03**2  # (K2 * data range)^2
+
+
+def _gaussian_window(device: torch.device) -> torch.Tensor:
+    x = torch.arange(_SSIM_WINDOW, dtype=torch.float32, device=device) - (_SSIM_WINDOW - 1) / 2
+    g = torch.exp(-(x**2) / (2 * _SSIM_SIGMA**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).view(1, 1, _SSIM_WINDOW, _SSIM_WINDOW)
+
+
+def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of each image pair (N, 1, H, W) in [0, 1]: Gaussian 11x11 window, sigma 1.5,
+    over the valid region (18x18 positions for 28x28 images)."""
+    w = _gaussian_window(x.device)
+    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
+    var_x = F.conv2d(x * x, w) - mu_x**2
+    var_y = F.conv2d(y * y, w) - mu_y**2
+    cov = F.conv2d(x * y, w) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + _SSIM_C1) * (2 * cov + _SSIM_C2)) / (
+        (mu_x**2 + mu_y**2 + _SSIM_C1) * (var_x + var_y + _SSIM_C2)
+    )
+    return s.flatten(1).mean(1)
+
+
+def psnr_db(mse: float) -> float:
+    """PSNR of a mean squared error for pixels in [0, 1]: 10 log10(1 / mse)."""
+    return 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+def eval_noisy(split: Split, indices: torch.Tensor, factor: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, noisy) test images for `indices`, with the fixed evaluation noise."""
+    clean = split.batch(indices)
+    return clean, noise.add_noise(clean, indices, factor, seed, noise.EVAL_EPOCH)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, factor: float, seed: int,
+             per_device_batch_size: int) -> dict[str, float]:
+    """Score the whole test split, sharded over ranks; every rank returns the same dict.
+
+    Runs on every rank (it holds a collective). The model runs in the autocast that
+    accelerate set up for it; scores are computed in fp32.
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    shard = eval_shard(len(split), accelerator.num_processes, accelerator.process_index).to(device)
+    scores = []  # per image: [index, denoised mse, noisy mse, ssim]
+    for chunk in shard.split(per_device_batch_size):
+        clean, noisy = eval_noisy(split, chunk, factor, seed)
+        out = model(noisy).float()
+        scores.append(torch.stack([
+            chunk.to(torch.float64),
+            (out - clean).pow(2).flatten(1).mean(1).double(),
+            (noisy - clean).pow(2).flatten(1).mean(1).double(),
+            ssim_per_image(out, clean).double(),
+        ], dim=1))
+    local = torch.cat(scores) if scores else torch.zeros(0, 4, dtype=torch.float64, device=device)
+    # Shards differ in length by at most one: pad to equal length for the gather, with an
+    # index of -1 that marks the padding rows to drop.
+    longest = math.ceil(len(split) / accelerator.num_processes)
+    pad = torch.full((longest - len(local), 4), -1.0, dtype=torch.float64, device=device)
+    every = accelerator.gather(torch.cat([local, pad]))
+    every = every[every[:, 0] >= 0]
+    every = every[every[:, 0].argsort()]
+    assert len(every) == len(split), "evaluation must score each test image exactly once"
+    mse, noisy_mse, ssim = (every[:, i].mean().item() for i in (1, 2, 3))
+    model.train(was_training)
+    return {
+        "eval/mse": mse,
+        "eval/psnr_db": psnr_db(mse),
+        "eval/ssim": ssim,
+        "eval/noisy_psnr_db": psnr_db(noisy_mse),
+        "eval/images": len(every),
+    }
