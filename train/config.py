@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from train.errors import UserError
+from train.model import MODELS
 
 
 class ConfigError(UserError):
@@ -60,10 +61,10 @@ class ModelConfig:
     """which model to train; only the reference `conv_denoiser` exists so far"""
 
     def __post_init__(self) -> None:
-        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got '{self.name}'")
+        names = tuple(MODELS)
+        _check(self.name in names, "model.name", f"must be one of {names}, got '{self.name}'")
 
 
-MODEL_NAMES = ("conv_denoiser",)
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -173,6 +174,11 @@ def _coerce(value: Any, expected: type, key: str) -> Any:
     """Check one YAML value against a field's type; ints are accepted where floats are."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string; accept what Python reads as a number
+            return float(value)
+        except ValueError:
+            pass
     # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value

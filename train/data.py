@@ -57,11 +57,10 @@ def _load_split(root: Path, train: bool, download: bool) -> Split:
             f"replace them with a good copy (delete them and set data.download=true, or point data.root elsewhere)"
         ) from e
     images, labels = ds.data, ds.targets
-    expected = 60_000 if train else 10_000
-    if images.dtype != torch.uint8 or tuple(images.shape) != (expected, 28, 28) or len(labels) != expected:
+    if images.dtype != torch.uint8 or images.shape[1:] != (28, 28) or len(images) == 0 or len(labels) != len(images):
         raise DataError(
-            f"MNIST {'train' if train else 'test'} split in {raw} has images {tuple(images.shape)} "
-            f"{images.dtype}, expected ({expected}, 28, 28) uint8: replace the files with a good copy"
+            f"MNIST {'train' if train else 'test'} split in {raw} has images {tuple(images.shape)} {images.dtype} "
+            f"and {len(labels)} labels, expected (N, 28, 28) uint8 and N labels: replace the files with a good copy"
         )
     return Split(images.unsqueeze(1).contiguous(), labels.to(torch.int64))
 

@@ -1,0 +1,80 @@
+"""Config: defaults, every shipped YAML, precedence, and every way of getting it wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_default_yaml_is_the_reference_recipe_and_the_defaults():
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+    assert cfg == Config(), "configs/default.yaml and the dataclass defaults must not drift apart"
+    assert (cfg.noise.factor, cfg.train.lr, cfg.train.per_device_batch_size, cfg.train.epochs) == (0.5, 1e-3, 20, 20)
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_accumulation_steps == 1
+    assert cfg.model.name == "conv_denoiser"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_beat_yaml_and_parse_as_yaml_scalars(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 5\n  lr: 0.01\n")
+    cfg = load_config(f, ["train.epochs=3", "data.download=false", "train.lr=1e-4", "output_dir=/x/y"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.data.download is False
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.output_dir == "/x/y"
+    assert load_config(f).train.epochs == 5  # YAML beats defaults
+
+
+def test_ints_are_accepted_for_floats():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+BAD = [
+    # (yaml text or None, overrides, words the one-line message must contain)
+    ("train:\n  epochs: [1, 2\n", [], ["not valid YAML", "line"]),
+    ("trian:\n  epochs: 2\n", [], ["unknown config key 'trian'", "train"]),
+    ("train:\n  epoch: 2\n", [], ["unknown config key 'train.epoch'", "train.epochs"]),
+    (None, ["train.lr=fast"], ["train.lr", "must be float", "fast"]),
+    (None, ["train.epochs=2.5"], ["train.epochs", "must be int"]),
+    (None, ["train.epochs=true"], ["train.epochs", "must be int"]),
+    (None, ["data.download=maybe"], ["data.download", "must be bool"]),
+    (None, ["train.lr=-0.1"], ["train.lr", "> 0"]),
+    (None, ["train.per_device_batch_size=0"], ["train.per_device_batch_size", ">= 1"]),
+    (None, ["noise.factor=-1"], ["noise.factor", ">= 0"]),
+    (None, ["train.mixed_precision=fp8"], ["train.mixed_precision", "bf16"]),
+    (None, ["logging.wandb_mode=loud"], ["logging.wandb_mode", "offline"]),
+    (None, ["model.name=unet9000"], ["model.name", "conv_denoiser"]),
+    (None, ["train=3"], ["'train' is a section"]),
+    (None, ["epochs"], ["section.key=value"]),
+    (None, ["train.epochs"], ["section.key=value"]),
+    ("- a\n- b\n", [], ["must be a mapping"]),
+]
+
+
+@pytest.mark.parametrize("text,overrides,words", BAD, ids=[" ".join(b[1]) or b[0][:12] for b in BAD])
+def test_bad_config_fails_naming_the_problem(tmp_path, text, overrides, words):
+    path = None
+    if text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message, (w, message)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,50 @@
+"""Noise is a pure function of (seed, epoch, sample index) and is really N(0, 1)."""
+
+import math
+
+import torch
+
+from train import noise
+
+
+def test_same_sample_same_noise_in_any_batch_or_order():
+    idx = torch.arange(200)
+    full = noise.gaussian(idx, (1, 28, 28), seed=3, epoch=2)
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    shuffled = noise.gaussian(perm, (1, 28, 28), seed=3, epoch=2)
+    assert torch.equal(shuffled, full[perm])
+    # A "rank" holding every other sample, in batches of 7, gets the same rows.
+    shard = idx[1::2]
+    pieces = torch.cat([noise.gaussian(b, (1, 28, 28), 3, 2) for b in shard.split(7)])
+    assert torch.equal(pieces, full[1::2])
+
+
+def test_seed_and_epoch_change_the_noise():
+    idx = torch.arange(50)
+    base = noise.gaussian(idx, (1, 28, 28), 0, 0)
+    for other in (noise.gaussian(idx, (1, 28, 28), 1, 0), noise.gaussian(idx, (1, 28, 28), 0, 1),
+                  noise.gaussian(idx, (1, 28, 28), 0, noise.EVAL_EPOCH)):
+        assert (other - base).abs().mean() > 0.5  # independent draws differ by ~1.13 on average
+    # Neighbouring samples are not shifted copies of each other.
+    assert (base[1:] - base[:-1]).abs().mean() > 0.5
+
+
+def test_distribution_is_standard_normal():
+    z = noise.gaussian(torch.arange(4000), (1, 28, 28), 7, 0).flatten().double()  # 3.1 M values
+    assert abs(z.mean()) < 0.003 and abs(z.std() - 1) < 0.003
+    # Quantiles of N(0, 1): P(z < q) for q = -2, -1, 0, 1, 2.
+    for q, p in ((-2, 0.02275), (-1, 0.15866), (0, 0.5), (1, 0.84134), (2, 0.97725)):
+        assert abs((z < q).double().mean().item() - p) < 0.002, q
+    # No correlation between neighbouring pixels.
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < 0.003
+    assert math.isfinite(z.abs().max().item())
+
+
+def test_add_noise_is_the_reference_corruption():
+    clean = torch.rand(64, 1, 28, 28)
+    idx = torch.arange(100, 164)
+    noisy = noise.add_noise(clean, idx, 0.5, seed=0, epoch=4)
+    expected = (clean + 0.5 * noise.gaussian(idx, (1, 28, 28), 0, 4)).clamp(0, 1)
+    assert torch.equal(noisy, expected)
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    assert torch.equal(noise.add_noise(clean, idx, 0.0, 0, 4), clean)

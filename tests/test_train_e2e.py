@@ -1,0 +1,149 @@
+"""The real entry point, run as users run it, and what it leaves in the output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, accelerate_cpu, load_weights, make_tiny_mnist, read_metrics, run_main
+from train.config import load_config
+from train.model import ConvDenoiser
+
+QUICK = ["--config", "configs/debug.yaml", "data.train_samples=400", "logging.every_n_steps=5",
+         "logging.wandb_mode=disabled"]
+
+
+def _ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def test_single_process_run_writes_every_output(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=2"]))
+    assert r.stdout.count("setup: distributed_type=NO, world_size=1") == 1
+
+    cfg = load_config(out / "config.yaml")  # the resolved config reloads as a config
+    assert cfg.output_dir == str(out) and cfg.data.train_samples == 400 and cfg.train.epochs == 2
+    assert json.loads((out / "setup.json").read_text())["mixed_precision"] == "no"
+
+    lines = read_metrics(out)
+    train_lines = [m for m in lines if "train/loss" in m]
+    eval_lines = [m for m in lines if "eval/mse" in m]
+    steps_per_epoch = 400 // 20
+    assert [m["step"] for m in eval_lines] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert [m["epoch"] for m in eval_lines] == [1, 2]
+    for m in eval_lines:
+        assert set(m) >= {"step", "epoch", "eval/mse", "eval/psnr_db", "eval/ssim", "eval/noisy_psnr_db"}
+        assert m["eval/images"] == 10_000  # the full test set
+        assert 9.0 < m["eval/noisy_psnr_db"] < 9.8
+    assert eval_lines[-1]["eval/psnr_db"] > eval_lines[-1]["eval/noisy_psnr_db"]  # it learned something
+    assert [m["step"] for m in train_lines] == list(range(5, 41, 5))
+    assert all(m["train/loss"] > 0 and m["train/images_per_s"] > 0 for m in train_lines)
+
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000020.png", "step_00000040.png"]
+    from PIL import Image
+
+    with Image.open(out / "samples" / "step_00000040.png") as im:  # 3 rows (noisy/denoised/clean) x 10 digits
+        assert im.size == (10 * 30 + 2, 3 * 30 + 2)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
+
+    model = ConvDenoiser()
+    model.load_state_dict(load_weights(out))
+    assert torch.isfinite(model(torch.rand(2, 1, 28, 28))).all()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_form_a_gloo_group_and_only_rank0_writes(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10",
+                              "data.test_samples=300", "train.epochs=1"],
+                     launcher=accelerate_cpu(2), env={"ACCELERATE_USE_CPU": "true"}))
+    setup = json.loads((out / "setup.json").read_text())
+    assert (setup["distributed_type"], setup["world_size"], setup["backend"]) == ("MULTI_CPU", 2, "gloo")
+    # Printed once, by the main process only.
+    assert r.stdout.count("setup:") == 1 and r.stdout.count("test PSNR") == 1
+    lines = read_metrics(out)
+    assert len({json.dumps(m, sort_keys=True) for m in lines}) == len(lines)  # no line written twice
+    eval_line = [m for m in lines if "eval/mse" in m][-1]
+    assert eval_line["step"] == 400 // (10 * 2) and eval_line["eval/images"] == 300
+    assert (out / "model.safetensors").is_file()
+
+
+def test_wandb_offline_run_holds_config_and_metrics(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "logging.wandb_mode=offline",
+                          "data.test_samples=200", "train.epochs=1", "train.seed=5"]))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # An offline run keeps config and history as protobuf records in run-<id>.wandb (synced
+    # later by `wandb sync`); the keys and string values are stored verbatim there.
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for needed in (b"per_device_batch_size", b"world_size", b"eval/psnr_db", b"eval/ssim", b"train/loss"):
+        assert needed in records, needed
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png")), "sample grid logged as an image"
+
+
+def test_resume_continues_to_the_same_weights(mnist_root, tmp_path):
+    args = QUICK + [f"data.root={mnist_root}", "data.test_samples=100", "data.train_samples=200"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _ok(run_main(args + [f"output_dir={straight}", "train.epochs=3"]))
+    _ok(run_main(args + [f"output_dir={split}", "train.epochs=1"]))
+    r = _ok(run_main(args + [f"output_dir={split}", "train.epochs=3"]))  # resume=auto by default
+    assert "resuming from" in r.stdout
+    a, b = load_weights(straight), load_weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume must be exact on one CPU process"
+    steps = [(m["step"], "eval/mse" in m) for m in read_metrics(split)]
+    assert len(steps) == len(set(steps)) and steps == [(m["step"], "eval/mse" in m) for m in read_metrics(straight)]
+
+
+def _error_line(result) -> str:
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+USER_ERRORS = [
+    (["trian.epochs=1"], ["unknown config key 'trian'", "train"]),
+    (["--config", "configs/nope.yaml"], ["configs/nope.yaml", "not found"]),
+    (["--bogus"], ["unrecognized arguments: --bogus", "usage"]),
+    (["train.lr=-1"], ["train.lr", "> 0"]),
+    (["train.mixed_precision=fp16"], ["fp16 needs a CUDA GPU", "bf16"]),
+    (["data.root={tmp}/none", "data.download=false"], ["MNIST not found", "data.root="]),
+    (["output_dir={tmp}/file/sub"], ["cannot write to output_dir", "writable"]),
+    (["checkpoint.resume={tmp}"], ["is not a checkpoint folder", "auto"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", USER_ERRORS, ids=[" ".join(e[0]) for e in USER_ERRORS])
+def test_user_errors_end_in_one_line_and_exit_2(tmp_path, tiny_mnist, overrides, words):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    args = [f"data.root={tiny_mnist}", f"output_dir={tmp_path}/out", "logging.wandb_mode=disabled"]
+    args += [o.format(tmp=tmp_path) for o in overrides]
+    line = _error_line(run_main(args))
+    for w in words:
+        assert w.format(tmp=tmp_path) in line, (w, line)
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    r = run_main(["--debug", "trian.epochs=1"])
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path, tiny_mnist):
+    out = tmp_path / "out"
+    args = [f"data.root={tiny_mnist}", f"output_dir={out}", "logging.wandb_mode=disabled", "train.epochs=1",
+            "data.train_samples=40", "train.per_device_batch_size=20"]
+    _ok(run_main(args))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    line = _error_line(run_main(args + ["checkpoint.resume=none"]))
+    assert "already holds checkpoints" in line
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
