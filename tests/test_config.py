@@ -27,11 +27,12 @@ def test_every_shipped_config_validates(path):
 def test_overrides_beat_yaml_and_parse_as_yaml_scalars(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: 5\n  lr: 0.01\n")
-    cfg = load_config(f, ["train.epochs=3", "data.download=false", "train.lr=1e-4", "output_dir=/x/y"])
+    cfg = load_config(f, ["train.epochs=3", "data.download=false", "train.lr=1e-4", "output_dir=/x/y",
+                         "train.mixed_precision=no"])
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.data.download is False
     assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
-    assert cfg.output_dir == "/x/y"
+    assert cfg.output_dir == "/x/y" and cfg.train.mixed_precision == "no"  # YAML 1.1 would read False
     assert load_config(f).train.epochs == 5  # YAML beats defaults
 
 
@@ -45,6 +46,8 @@ BAD = [
     ("trian:\n  epochs: 2\n", [], ["unknown config key 'trian'", "train"]),
     ("train:\n  epoch: 2\n", [], ["unknown config key 'train.epoch'", "train.epochs"]),
     (None, ["train.lr=fast"], ["train.lr", "must be float", "fast"]),
+    (None, ["train.lr=.inf"], ["train.lr", "finite"]),
+    (None, ["noise.factor=nan"], ["noise.factor", "finite"]),
     (None, ["train.epochs=2.5"], ["train.epochs", "must be int"]),
     (None, ["train.epochs=true"], ["train.epochs", "must be int"]),
     (None, ["data.download=maybe"], ["data.download", "must be bool"]),

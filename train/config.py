@@ -1,6 +1,7 @@
 """Typed run configuration: dataclass defaults < YAML file < dotted CLI overrides.
 
-Every value is checked once, here, before any work starts: unknown keys (with the nearest
+Values are YAML scalars (with YAML 1.2 booleans: only true/false). Every value is checked
+once, here, before any work starts: unknown keys (with the nearest
 valid names), wrong types and out-of-range values all raise `ConfigError` naming the key.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,13 +175,19 @@ class Config:
 
 def _coerce(value: Any, expected: type, key: str) -> Any:
     """Check one YAML value against a field's type; ints are accepted where floats are."""
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-4 (no dot) as a string; accept what Python reads as a number
-            return float(value)
-        except ValueError:
-            pass
+    if expected is float and not isinstance(value, bool):
+        number = None
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string; accept what Python reads as a number
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
     # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
@@ -208,12 +217,29 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as
+    booleans, which would turn `mixed_precision: no` into False."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.epochs=3)")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = _yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw  # not valid YAML on its own (e.g. 'a: b'): keep it as the string it is
     return key.split("."), value
@@ -227,7 +253,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found: pass an existing file to --config (see configs/)")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _yaml(path.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

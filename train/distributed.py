@@ -44,9 +44,14 @@ def resolve_mixed_precision(configured: str, launcher: str | None, cuda: bool) -
     return effective
 
 
-def launched_world_size() -> int:
-    """How many processes the launcher started (torchrun / accelerate set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def check_world_size(launched: int, joined: int) -> None:
+    """Refuse a launch whose processes did not all join one group (each would train alone)."""
+    if joined != launched:
+        raise LaunchError(
+            f"{launched} processes were launched but each sees a world of {joined}: they would train "
+            f"alone; on CPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            f"--num_processes {launched} (or torchrun)"
+        )
 
 
 def build_accelerator(mixed_precision: str) -> Accelerator:
@@ -54,13 +59,8 @@ def build_accelerator(mixed_precision: str) -> Accelerator:
     effective = resolve_mixed_precision(mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda)
     # Without CUDA, accelerate forms a gloo group only when told to use the CPU.
     accelerator = Accelerator(cpu=not cuda, mixed_precision=effective)
-    launched = launched_world_size()
-    if accelerator.num_processes != launched:
-        raise LaunchError(
-            f"{launched} processes were launched but each sees a world of {accelerator.num_processes}: they "
-            f"would train alone; on CPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
-            f"--num_processes {launched} (or torchrun)"
-        )
+    # torchrun and accelerate launch tell each process the world size they started.
+    check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
 
 
