@@ -1,15 +1,18 @@
 """Checkpoints: `accelerator.save_state` plus our own progress counters, written atomically.
 
 Layout: OUTPUT_DIR/checkpoints/step_00001234/ holding accelerate's files (model, optimizer,
-scaler, per-rank RNG states) and `trainer_state.json`. Each is written into a temporary
-folder that is renamed into place only after every rank has finished writing, so a folder
-named step_* is always complete; a crash mid-write leaves only a `.tmp-*` folder, which the
-next save removes.
+scaler, per-rank RNG states), `trainer_state.json` and `manifest.json` (size and SHA-256 of
+every other file). Each is written into a temporary folder that is renamed into place only
+after every rank has finished writing, so a crash mid-write leaves only a `.tmp-*` folder
+(removed by the next save). A folder damaged later (disk full, truncated copy) fails its
+manifest check; `resume=auto` then reports it and takes the previous good checkpoint.
+Checkpoints live on a filesystem all ranks share (as `output_dir` does on a cluster).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -19,9 +22,11 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from train.errors import UserError
+from train.preemption import maybe_inject_fault
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(UserError):
@@ -57,19 +62,46 @@ def has_checkpoints(output_dir: Path) -> bool:
     return bool(_step_dirs(output_dir))
 
 
-def find_resume(output_dir: Path, resume: str) -> Path | None:
-    """The checkpoint folder to resume from: auto = newest in output_dir (or none), none, or a path."""
+def _file_digest(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint folder is complete and intact, else what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable {MANIFEST} ({type(e).__name__})"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _file_digest(file) != expected:
+            return f"{name} does not match its checksum (truncated or overwritten)"
+    return None
+
+
+def find_resume(output_dir: Path, resume: str, warn=print) -> Path | None:
+    """The checkpoint to resume from: auto = newest intact one in output_dir (damaged newer
+    ones are reported through `warn` and skipped), none, or an explicit folder."""
     if resume == "none":
         return None
     if resume == "auto":
-        dirs = _step_dirs(output_dir)
-        return dirs[-1] if dirs else None
+        for path in reversed(_step_dirs(output_dir)):
+            problem = verify(path)
+            if problem is None:
+                return path
+            warn(f"checkpoint {path} is damaged ({problem}); falling back to the one before it")
+        return None
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
+    if not ((path / MANIFEST).exists() or (path / STATE_FILE).exists()):
         raise CheckpointError(
-            f"checkpoint.resume={resume} is not a checkpoint folder (no {STATE_FILE}): "
-            f"give a folder like {output_dir / CHECKPOINTS}/step_00000100, or auto, or none"
+            f"checkpoint.resume={resume} is not a checkpoint folder: give a folder like "
+            f"{output_dir / CHECKPOINTS}/step_00000100, or auto, or none"
         )
+    problem = verify(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged ({problem}): pick another one, or checkpoint.resume=auto")
     return path
 
 
@@ -82,12 +114,12 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash mid-save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    maybe_inject_fault("in_save", state.step, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with (tmp / STATE_FILE).open("w") as f:
-            json.dump(dataclasses.asdict(state), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
+        manifest = {p.name: _file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. after a resume)
         os.replace(tmp, final)
         for old in _step_dirs(output_dir)[:-keep_last]:

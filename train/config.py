@@ -89,6 +89,8 @@ class TrainConfig:
     """no | bf16 | fp16 (fp16 needs CUDA); 'no' defers to accelerate launch --mixed_precision"""
     max_grad_norm: float = 0.0
     """clip the global L2 norm of the gradients to this; 0 disables"""
+    collective_timeout_s: int = 600
+    """seconds a rank waits for the others in a collective before failing (a dead rank must not hang the job)"""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -102,6 +104,8 @@ class TrainConfig:
         _check(self.mixed_precision in MIXED_PRECISIONS, "train.mixed_precision",
                f"must be one of {MIXED_PRECISIONS}, got '{self.mixed_precision}'")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
+        _check(self.collective_timeout_s >= 10, "train.collective_timeout_s",
+               f"must be >= 10 seconds, got {self.collective_timeout_s}")
 
 
 @dataclass

@@ -10,9 +10,11 @@ Two launch mistakes are caught here rather than trained through:
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from train.config import MIXED_PRECISIONS
 from train.errors import UserError
@@ -54,11 +56,12 @@ def check_world_size(launched: int, joined: int) -> None:
         )
 
 
-def build_accelerator(mixed_precision: str) -> Accelerator:
+def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> Accelerator:
     cuda = torch.cuda.is_available()
     effective = resolve_mixed_precision(mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda)
     # Without CUDA, accelerate forms a gloo group only when told to use the CPU.
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=effective)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=effective, kwargs_handlers=[timeout])
     # torchrun and accelerate launch tell each process the world size they started.
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator

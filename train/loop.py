@@ -22,6 +22,7 @@ from train.checkpoint import TrainerState
 from train.config import Config
 from train.data import EpochOrder, Split
 from train.errors import UserError
+from train.preemption import Preempted, StopFlag, maybe_inject_fault
 from train.tracking import NullTracker
 
 
@@ -80,9 +81,11 @@ class Trainer:
     """Owns the run's moving parts; `fit()` trains from `state` to the end of the schedule."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 train_split: Split, test_split: Split, state: TrainerState, tracker: NullTracker) -> None:
+                 train_split: Split, test_split: Split, state: TrainerState, tracker: NullTracker,
+                 stop: StopFlag | None = None) -> None:
         self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
         self.train_split, self.test_split, self.state, self.tracker = train_split, test_split, state, tracker
+        self.stop = stop or StopFlag()
         self.output_dir = Path(cfg.output_dir)
         tc = cfg.train
         self.order = EpochOrder(len(train_split), tc.per_device_batch_size, accelerator.num_processes,
@@ -119,6 +122,9 @@ class Trainer:
     def fit(self) -> None:
         s, sched, cfg = self.state, self.schedule, self.cfg
         total = sched.total_steps
+        if s.step >= total:
+            self.tracker.info(f"nothing to do: the checkpoint is at step {s.step} of {total}")
+            return
         self.tracker.progress(total=total, initial=s.step)
         window = _ThroughputWindow(self.accelerator, self.global_batch)
         while s.step < total and s.epoch < sched.epochs:
@@ -131,10 +137,17 @@ class Trainer:
                     continue
                 self._optimizer_step()
                 s.step += 1
+                maybe_inject_fault("after_step", s.step, self.accelerator.process_index)
                 window.add_step(sched.window_len(m))
                 self.tracker.advance()
                 if s.step % cfg.logging.every_n_steps == 0:
                     self._log_train(window)
+                if s.step < total and self.stop.any_rank_stopping(self.accelerator):
+                    # At an epoch's last step the epoch-end evaluation is left to the resumed run;
+                    # at the run's last step we just finish.
+                    self._checkpoint(window)
+                    self.tracker.finish()
+                    raise Preempted(self.stop.name, s.step)
                 if cfg.checkpoint.every_n_steps and s.step % cfg.checkpoint.every_n_steps == 0:
                     self._checkpoint(window)
             if s.micro_step == sched.micro_steps_per_epoch:  # a whole epoch: evaluate, move on
@@ -155,6 +168,8 @@ class Trainer:
         record = {"step": self.state.step, "epoch": self.state.epoch, "train/loss": loss}
         if images_per_s is not None:
             record["train/images_per_s"] = images_per_s
+        if self.accelerator.scaler is not None:  # fp16: the scale halves on each skipped (inf/NaN) step
+            record["train/loss_scale"] = self.accelerator.scaler.get_scale()
         self.tracker.log(record)
         self.tracker.advance(0, loss=f"{loss:.4f}")
 

@@ -11,7 +11,10 @@
         --main_process_ip $MASTER_ADDR --main_process_port 29500 train/main.py
 
 Overrides follow the script as section.key=value (YAML scalars), e.g. train.epochs=3.
-Exit status: 0 done, 2 a mistake to fix (one line on stderr says which), 1 anything else.
+Exit status: 0 done; 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run the
+same command to resume); 2 a mistake to fix (one line on stderr says which); 1 anything else.
+OUTPUT_DIR/status.json records the same outcome for scripts (accelerate launch turns every
+non-zero status into 1).
 """
 
 from __future__ import annotations
@@ -42,24 +45,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
+class _Outcome:
+    """Where to record how the run ended: set once output_dir exists, on the main process only."""
+
+    output_dir: Path | None = None
+    step: int | None = None
+
+    def record(self, outcome: str, exit_code: int, message: str = "") -> None:
+        if self.output_dir is not None:
+            from train.tracking import write_status
+
+            write_status(self.output_dir, outcome, exit_code, self.step, message)
+
+
+def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     from train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # all config errors before any heavy import
 
+    import json
+
     import torch
 
     from train import checkpoint
+    from train.config import save_config
     from train.data import load_mnist
     from train.distributed import build_accelerator, describe
     from train.loop import Trainer
     from train.model import build_model
+    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag
     from train.tracking import build_tracker
 
-    accelerator = build_accelerator(cfg.train.mixed_precision)
+    stop = StopFlag()
+    stop.install()  # from here on a stop signal is honoured at the next optimizer step
+    accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     output_dir = Path(cfg.output_dir)
     setup = describe(accelerator)
-    resume_from = _prepare_output_dir(accelerator, cfg, setup, checkpoint)
+    resume_from = _prepare_output_dir(accelerator, cfg, checkpoint)
+    if accelerator.is_main_process:
+        outcome.output_dir = output_dir
 
     # Download once: the global main process first, then (for nodes without a shared
     # filesystem) each node's local main process, then everyone else reads the files.
@@ -83,6 +107,10 @@ def run(args: argparse.Namespace) -> None:
     state = checkpoint.TrainerState(compat=compat)
     if resume_from is not None:
         state = checkpoint.load(accelerator, resume_from, compat)
+    if accelerator.is_main_process:  # only now: a refused resume leaves the folder as it was
+        save_config(cfg, output_dir / "config.yaml")
+        (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+        outcome.record("running", 0)
     if not state.run_id:
         import secrets
 
@@ -97,23 +125,28 @@ def run(args: argparse.Namespace) -> None:
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
 
-    trainer = Trainer(cfg, accelerator, model, optimizer, train_split, test_split, state, tracker)
-    trainer.fit()
+    trainer = Trainer(cfg, accelerator, model, optimizer, train_split, test_split, state, tracker, stop)
+    try:
+        trainer.fit()
+    except Preempted as p:
+        outcome.step = p.step
+        tracker.info(str(p))
+        outcome.record("preempted", PREEMPTED_EXIT, str(p))
+        return PREEMPTED_EXIT
+    outcome.step = state.step
     accelerator.wait_for_everyone()
     accelerator.save_model(model, str(output_dir))  # model.safetensors, on the main process
     tracker.info(f"done: {state.step} steps; weights in {output_dir / 'model.safetensors'}")
     accelerator.end_training()
+    outcome.record("completed", 0)
+    return 0
 
 
-def _prepare_output_dir(accelerator, cfg, setup: dict, checkpoint) -> Path | None:
-    """Create output_dir, write the resolved config and the settings in effect, and pick the
-    checkpoint to resume from."""
-    import json
-
-    from train.config import save_config
-
+def _prepare_output_dir(accelerator, cfg, checkpoint) -> Path | None:
+    """Create output_dir (checking it is writable) and pick the checkpoint to resume from."""
     output_dir = Path(cfg.output_dir)
-    resume_from = checkpoint.find_resume(output_dir, cfg.checkpoint.resume)
+    warn = print if accelerator.is_main_process else (lambda message: None)
+    resume_from = checkpoint.find_resume(output_dir, cfg.checkpoint.resume, warn=warn)
     if resume_from is None and cfg.checkpoint.resume == "none" and checkpoint.has_checkpoints(output_dir):
         raise UserError(
             f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
@@ -122,24 +155,28 @@ def _prepare_output_dir(accelerator, cfg, setup: dict, checkpoint) -> Path | Non
     if accelerator.is_main_process:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, output_dir / "config.yaml")
-            (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
         except OSError as e:
             raise UserError(f"cannot write to output_dir {output_dir} ({e.strerror}): choose a writable folder") from e
+        if not os.access(output_dir, os.W_OK):
+            raise UserError(f"cannot write to output_dir {output_dir} (permission denied): choose a writable folder")
     accelerator.wait_for_everyone()
     return resume_from
 
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("DENOISE_DEBUG") == "1"
+    outcome = _Outcome()
     try:
-        run(parse_args(argv))
+        return run(parse_args(argv), outcome)
     except UserError as e:
+        outcome.record("failed", 2, str(e))
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    except BaseException as e:  # a bug or a crash: keep the traceback, but record the outcome
+        outcome.record("failed", 1, f"{type(e).__name__}: {e}")
+        raise
 
 
 if __name__ == "__main__":

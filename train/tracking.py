@@ -14,6 +14,18 @@ from typing import Any
 from accelerate import Accelerator
 
 METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
+
+
+def write_status(output_dir: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "") -> None:
+    """Record how the run ended where scripts can read it: `accelerate launch` reports every
+    failure as status 1, so the SLURM script tells "preempted" from "failed" by this file.
+    outcome = running | completed | preempted | failed. Main process only."""
+    record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = output_dir / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(output_dir / STATUS_FILE)
 
 
 class NullTracker:
