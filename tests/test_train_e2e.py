@@ -112,12 +112,18 @@ def _error_line(result) -> str:
 
 
 USER_ERRORS = [
-    (["trian.epochs=1"], ["unknown config key 'trian'", "train"]),
+    (["--config", "{tmp}/bad.yaml"], ["bad.yaml' is not valid YAML at line", "expected"]),
+    (["trian.epochs=1"], ["unknown config key 'trian'", "did you mean train"]),
+    (["train.epocs=1"], ["unknown config key 'train.epocs'", "did you mean train.epochs"]),
+    (["train.epochs=many"], ["train.epochs", "must be int"]),
+    (["train.per_device_batch_size=0"], ["train.per_device_batch_size", ">= 1"]),
+    (["noise.factor=-0.5"], ["noise.factor", ">= 0"]),
     (["--config", "configs/nope.yaml"], ["configs/nope.yaml", "not found"]),
     (["--bogus"], ["unrecognized arguments: --bogus", "usage"]),
     (["train.lr=-1"], ["train.lr", "> 0"]),
     (["train.mixed_precision=fp16"], ["fp16 needs a CUDA GPU", "bf16"]),
     (["data.root={tmp}/none", "data.download=false"], ["MNIST not found", "data.root="]),
+    (["data.root={tmp}/corrupt"], ["could not be read", "good copy"]),
     (["output_dir={tmp}/file/sub"], ["cannot write to output_dir", "writable"]),
     (["checkpoint.resume={tmp}"], ["is not a checkpoint folder", "auto"]),
 ]
@@ -126,11 +132,33 @@ USER_ERRORS = [
 @pytest.mark.parametrize("overrides,words", USER_ERRORS, ids=[" ".join(e[0]) for e in USER_ERRORS])
 def test_user_errors_end_in_one_line_and_exit_2(tmp_path, tiny_mnist, overrides, words):
     (tmp_path / "file").write_text("a file where a folder should be")
+    (tmp_path / "bad.yaml").write_text("train:\n  epochs: [1\n")
+    corrupt = make_tiny_mnist(tmp_path / "corrupt") / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    corrupt.write_bytes(b"\x00\x00\x08\x01garbage")
     args = [f"data.root={tiny_mnist}", f"output_dir={tmp_path}/out", "logging.wandb_mode=disabled"]
     args += [o.format(tmp=tmp_path) for o in overrides]
     line = _error_line(run_main(args))
     for w in words:
         assert w.format(tmp=tmp_path) in line, (w, line)
+
+
+def test_checkpoint_of_another_model_is_refused(mnist_root, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    args = QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=50", "train.epochs=1"]
+    _ok(run_main(args))
+    ckpt = out / "checkpoints" / "step_00000020"
+    # Another architecture's weights, in a checkpoint that is otherwise intact.
+    save_file({"layers.0.weight": torch.zeros(4, 4)}, str(ckpt / "model.safetensors"))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = (ckpt / "model.safetensors").read_bytes()
+    manifest["model.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    line = _error_line(run_main(args + ["train.epochs=2"]))
+    assert f"checkpoint {ckpt} could not be loaded" in line and "new output_dir" in line
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

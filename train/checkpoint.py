@@ -21,7 +21,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from train.errors import UserError
+from train.errors import UserError, brief
 from train.preemption import maybe_inject_fault
 
 CHECKPOINTS = "checkpoints"
@@ -134,7 +134,7 @@ def load(accelerator: Accelerator, path: Path, compat: dict) -> TrainerState:
         state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(
-            f"checkpoint {path} is unreadable ({e}): delete it to fall back to an older one, or start afresh in a new output_dir"
+            f"checkpoint {path} is unreadable ({brief(e)}): delete it to fall back to an older one, or start afresh in a new output_dir"
         ) from e
     differing = sorted(k for k in compat.keys() | state.compat.keys() if compat.get(k) != state.compat.get(k))
     if differing:
@@ -147,7 +147,7 @@ def load(accelerator: Accelerator, path: Path, compat: dict) -> TrainerState:
         accelerator.load_state(str(path))
     except Exception as e:  # torch/safetensors raise many types for damaged files
         raise CheckpointError(
-            f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}): delete it to fall back to an "
+            f"checkpoint {path} could not be loaded ({brief(e)}): delete it to fall back to an "
             f"older one, or start afresh in a new output_dir"
         ) from e
     return state

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from train.errors import UserError
+from train.errors import UserError, brief
 
 IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
 
@@ -53,7 +53,7 @@ def _load_split(root: Path, train: bool, download: bool) -> Split:
                 f"or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"
             ) from e
         raise DataError(
-            f"MNIST files in {raw} could not be read ({type(e).__name__}: {e}): "
+            f"MNIST files in {raw} could not be read ({brief(e)}): "
             f"replace them with a good copy (delete them and set data.download=true, or point data.root elsewhere)"
         ) from e
     images, labels = ds.data, ds.targets
