@@ -42,20 +42,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (defaults: configs/default.yaml's values)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors too")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
 
 
 class _Outcome:
-    """Where to record how the run ended: set once output_dir exists, on the main process only."""
+    """Records how the run ended: in OUTPUT_DIR/status.json once the main process made that
+    folder, or from the start in $DENOISE_STATUS_FILE when a script set it (so even a config
+    error is recorded where slurm/denoise.sh looks). Only the global main process records,
+    except failures, which any rank may record: the launcher may kill rank 0 before it can."""
 
-    output_dir: Path | None = None
-    step: int | None = None
+    def __init__(self) -> None:
+        from_env = os.environ.get("DENOISE_STATUS_FILE")
+        self.path = Path(from_env) if from_env else None
+        self.is_main = os.environ.get("RANK", "0") == "0"
+        self.step: int | None = None
+
+    def set_output_dir(self, output_dir: Path) -> None:
+        if self.path is None:
+            from train.tracking import STATUS_FILE
+
+            self.path = output_dir / STATUS_FILE
 
     def record(self, outcome: str, exit_code: int, message: str = "") -> None:
-        if self.output_dir is not None:
+        if self.path is not None and (self.is_main or outcome == "failed"):
             from train.tracking import write_status
 
-            write_status(self.output_dir, outcome, exit_code, self.step, message)
+            write_status(self.path, outcome, exit_code, self.step, message)
 
 
 def run(args: argparse.Namespace, outcome: _Outcome) -> int:
@@ -83,7 +95,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     setup = describe(accelerator)
     resume_from = _prepare_output_dir(accelerator, cfg, checkpoint)
     if accelerator.is_main_process:
-        outcome.output_dir = output_dir
+        outcome.set_output_dir(output_dir)
 
     # Download once: the global main process first, then (for nodes without a shared
     # filesystem) each node's local main process, then everyone else reads the files.

@@ -17,15 +17,16 @@ METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 
 
-def write_status(output_dir: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "") -> None:
+def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "") -> None:
     """Record how the run ended where scripts can read it: `accelerate launch` reports every
     failure as status 1, so the SLURM script tells "preempted" from "failed" by this file.
     outcome = running | completed | preempted | failed. Main process only."""
     record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = output_dir / (STATUS_FILE + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(output_dir / STATUS_FILE)
+    tmp.replace(path)
 
 
 class NullTracker:
