@@ -5,7 +5,7 @@
 #   NPROC_CPU=2 launch/single_node.sh                                      # no GPU: 2 gloo processes
 # Arguments pass through to train/main.py. slurm/denoise.sh sets the multi-node variables.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)  # paths in the arguments stay relative to where you are
 
 NUM_MACHINES=${NUM_MACHINES:-1}           # nodes in the job
 MACHINE_RANK=${MACHINE_RANK:-0}           # this node's index, 0..NUM_MACHINES-1
@@ -35,10 +35,10 @@ echo "[launch] $(hostname -s) machine_rank=$MACHINE_RANK of $NUM_MACHINES: $NPRO
 if [ "$WORLD" -eq 1 ]; then
     # One process: no launcher in between, so signals reach training directly.
     export ACCELERATE_MIXED_PRECISION=$MIXED_PRECISION
-    exec "$PYTHON" train/main.py "$@"
+    exec "$PYTHON" "$REPO/train/main.py" "$@"
 fi
-exec "$PYTHON" -m accelerate.commands.launch --config_file "configs/accelerate/$CONFIG.yaml" --multi_gpu \
+exec "$PYTHON" -m accelerate.commands.launch --config_file "$REPO/configs/accelerate/$CONFIG.yaml" --multi_gpu \
     --num_machines "$NUM_MACHINES" --num_processes "$WORLD" --machine_rank "$MACHINE_RANK" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
     --mixed_precision "$MIXED_PRECISION" --dynamo_backend no \
-    train/main.py "$@"
+    "$REPO/train/main.py" "$@"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Train on a SLURM allocation: one task per node, each running launch/single_node.sh for that
 # node's GPUs (or CPUs). Preempted or out of time, the job checkpoints and requeues itself.
+# Submit from the repository root (SLURM runs a copy of this script, so it finds the
+# repository as the submit folder, or $DENOISE_REPO):
 #   sbatch slurm/denoise.sh --config configs/default.yaml data.root=/shared/mnist
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/denoise.sh output_dir=/shared/runs/big
 # Settings: #SBATCH lines below (or sbatch flags), and these environment variables:
@@ -25,6 +27,8 @@
 # checkpoint, records "preempted" in status.json, and this script requeues the job.
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
+REPO=${DENOISE_REPO:-$(pwd)}
+[ -x "$REPO/launch/single_node.sh" ] || { echo "[slurm] error: $REPO/launch/single_node.sh not found: submit from the repository root or set DENOISE_REPO" >&2; exit 2; }
 
 PREEMPTED_EXIT=75
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/${SLURM_JOB_NAME:-denoise}}
@@ -50,7 +54,7 @@ echo "[slurm] job $SLURM_JOB_ID run $((RESTARTS + 1)) on $NODES node(s) ($SLURM_
 
 # SLURM_NODEID must be read inside each task (in this shell it is the first node's).
 srun --kill-on-bad-exit=1 --nodes="$NODES" --ntasks-per-node=1 \
-    bash -c 'MACHINE_RANK=$SLURM_NODEID exec launch/single_node.sh "$@"' denoise output_dir="$OUTPUT_DIR" "$@" &
+    bash -c 'MACHINE_RANK=$SLURM_NODEID exec "$0" "$@"' "$REPO/launch/single_node.sh" output_dir="$OUTPUT_DIR" "$@" &
 step=$!
 # A signal to this shell (e.g. SIGTERM at the time limit) must not stop us from reading the outcome.
 trap 'echo "[slurm] batch shell got a signal; waiting for training to checkpoint"' TERM USR1
