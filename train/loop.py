@@ -64,7 +64,8 @@ def sample_indices(split: Split, n: int) -> torch.Tensor:
     """A fixed set of test digits to show: the first image of each class, then the next ones."""
     labels = split.labels.cpu()
     firsts = [int((labels == c).nonzero()[0]) for c in range(10) if (labels == c).any()]
-    rest = [i for i in range(len(labels)) if i not in set(firsts)]
+    chosen = set(firsts)
+    rest = [i for i in range(min(len(labels), n + len(firsts))) if i not in chosen]
     return torch.tensor((firsts + rest)[:n], dtype=torch.int64)
 
 
@@ -204,8 +205,8 @@ class Trainer:
 class _ThroughputWindow:
     """Loss and global images/s over the optimizer steps since the last read.
 
-    The first optimizer step after a (re)start is warm-up (allocator, autotuning): it is left
-    out of throughput, as is time spent evaluating and saving.
+    The first optimizer step of the process is warm-up (allocator, kernel selection): it is
+    left out of throughput, as is time spent evaluating and saving.
     """
 
     def __init__(self, accelerator: Accelerator, global_batch: int) -> None:
