@@ -175,3 +175,12 @@ def test_resume_none_refuses_to_overwrite_checkpoints(tmp_path, tiny_mnist):
     line = _error_line(run_main(args + ["checkpoint.resume=none"]))
     assert "already holds checkpoints" in line
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
+
+
+def test_diverged_training_stops_before_checkpointing(tmp_path, tiny_mnist):
+    out = tmp_path / "out"
+    line = _error_line(run_main([f"data.root={tiny_mnist}", f"output_dir={out}", "logging.wandb_mode=disabled",
+                                 "train.lr=1e30", "logging.every_n_steps=2", "train.per_device_batch_size=8"]))
+    assert "training loss became nan" in line and "train.lr" in line
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
+    assert json.loads((out / "status.json").read_text())["outcome"] == "failed"
