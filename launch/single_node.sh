@@ -33,7 +33,8 @@ export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQ
 echo "[launch] $(hostname -s) machine_rank=$MACHINE_RANK of $NUM_MACHINES: $NPROC process(es) here, world $WORLD, $( [ "$NGPU" -gt 0 ] && echo "$NGPU GPU(s)" || echo CPU ), rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 if [ "$WORLD" -eq 1 ]; then
-    # One process: no launcher in between, so signals reach training directly.
+    # One process: no launcher in between (accelerate's single-process launcher does not
+    # forward signals), so SIGTERM/SIGUSR1 reach training directly.
     export ACCELERATE_MIXED_PRECISION=$MIXED_PRECISION
     exec "$PYTHON" "$REPO/train/main.py" "$@"
 fi
