@@ -94,6 +94,22 @@ class Trainer:
         self.schedule = Schedule(self.order.steps_per_epoch, tc.gradient_accumulation_steps, tc.epochs, tc.max_steps)
         self.global_batch = tc.per_device_batch_size * accelerator.num_processes  # images per micro-step
         self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
+        self._settle_gradient_buckets()
+
+    def _settle_gradient_buckets(self) -> None:
+        """One throw-away backward pass, so every real step all-reduces in the same layout.
+
+        DDP reorders its gradient buckets after its first backward pass (to the order the
+        gradients became ready). With 3+ ranks the order of a bucket's elements changes how
+        the all-reduce rounds, so a resumed run, whose first step would use the initial
+        layout, would drift from an uninterrupted one. Zero input, gradients discarded: the
+        weights and optimizer state are untouched.
+        """
+        if self.accelerator.num_processes < 2:
+            return
+        dummy = torch.zeros(1, *self.train_split.images.shape[1:], device=self.accelerator.device)
+        self.accelerator.backward(self.model(dummy).float().sum())
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- one micro-step ------------------------------------------------------------------
     def _micro_step(self, indices: torch.Tensor, epoch: int, micro_step: int) -> torch.Tensor:
