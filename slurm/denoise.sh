@@ -64,8 +64,8 @@ while true; do
     kill -0 "$step" 2>/dev/null || break  # wait returned because of a trapped signal: wait again
 done
 
-outcome=$("${PYTHON:-python}" -c 'import json,sys; print(json.load(open(sys.argv[1]))["outcome"])' "$DENOISE_STATUS_FILE" 2>/dev/null || echo missing)
-code=$("${PYTHON:-python}" -c 'import json,sys; print(json.load(open(sys.argv[1]))["exit_code"])' "$DENOISE_STATUS_FILE" 2>/dev/null || echo 1)
+read -r outcome code < <("${PYTHON:-python}" -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["outcome"], s["exit_code"])' \
+    "$DENOISE_STATUS_FILE" 2>/dev/null || echo missing 1)
 echo "[slurm] training ended: $outcome (srun status $rc)"
 case "$outcome" in
     completed)

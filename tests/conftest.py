@@ -79,6 +79,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_metrics(output_dir: Path, proc: subprocess.Popen, lines: int, timeout: float = 120,
+                     log=lambda: "") -> None:
+    """Poll until a running job has written `lines` lines of metrics.jsonl (it must stay alive)."""
+    import time
+
+    path = output_dir / "metrics.jsonl"
+    t0 = time.time()
+    while not (path.exists() and path.read_text().count("\n") >= lines):
+        assert proc.poll() is None, (proc.communicate(), log())
+        assert time.time() - t0 < timeout, f"no metrics after {timeout} s\n{log()}"
+        time.sleep(0.2)
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line]
 

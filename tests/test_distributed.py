@@ -6,6 +6,7 @@ The multi-process tests launch real CPU processes over gloo with `accelerate lau
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ def _probe(mode: str, out, n: int, args: list[str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     launcher = accelerate_cpu(n) if n > 1 else [sys.executable]
     _ok(subprocess.run(launcher + [str(PROBE), mode, str(out)] + args, capture_output=True, text=True,
-                       timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}))
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}))
     return [json.loads((out / f"probe-rank{r}.json").read_text()) for r in range(n)]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MAIN, REPO, accelerate_cpu, load_weights, read_metrics, run_main
+from conftest import MAIN, REPO, accelerate_cpu, load_weights, read_metrics, run_main, wait_for_metrics
 
 # 400 images / batch 20 = 20 steps per epoch, 2 epochs; checkpoints every 8 steps and at
 # epoch ends (8, 16, 20, 24, 32, 40).
@@ -120,17 +120,6 @@ def test_a_finished_run_started_again_does_nothing(mnist_root, tmp_path, straigh
     assert _trajectory(out) == _trajectory(straight)
 
 
-def _wait_for_steps(out: Path, proc: subprocess.Popen, lines: int, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        path = out / "metrics.jsonl"
-        if path.exists() and path.read_text().count("\n") >= lines:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    raise AssertionError("the run did not start logging in time")
-
-
 # Slower steps (batch 10 on 2 ranks, 200 per epoch) so a signal lands mid-training.
 SIGNAL_RUN = ["--config", "configs/debug.yaml", "data.train_samples=4000", "data.test_samples=100",
               "train.epochs=1", "train.per_device_batch_size=10", "logging.every_n_steps=10",
@@ -149,7 +138,7 @@ def test_signal_to_the_launcher_checkpoints_every_rank_at_one_step_and_resumes(m
     cmd = accelerate_cpu(nproc) + [str(MAIN)] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1", **FORWARD}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_steps(out, proc, lines=2)
+    wait_for_metrics(out, proc, lines=2)
     proc.send_signal(getattr(signal, signame))
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0  # the launcher reports 1 for any child status...
@@ -180,7 +169,7 @@ def test_signal_to_a_single_process_run(mnist_root, tmp_path):
     args = SIGNAL_RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
     proc = subprocess.Popen([sys.executable, str(MAIN)] + args, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _wait_for_steps(out, proc, lines=1)
+    wait_for_metrics(out, proc, lines=1)
     proc.send_signal(signal.SIGUSR1)
     proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT and _status(out)["outcome"] == "preempted"

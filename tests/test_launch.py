@@ -7,11 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_for_metrics
 
 LAUNCH = REPO / "launch" / "single_node.sh"
 
@@ -27,10 +26,7 @@ def test_cpu_fallback_forms_a_group_and_forwards_usr1(mnist_root, tmp_path):
             "logging.every_n_steps=10", "logging.wandb_mode=disabled"]
     proc = subprocess.Popen(["bash", str(LAUNCH)] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
-        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
-        time.sleep(0.2)
+    wait_for_metrics(out, proc, lines=1)
     proc.send_signal(signal.SIGUSR1)  # the launcher is the script's process (exec)
     stdout, _ = proc.communicate(timeout=120)
     assert "machine_rank=0 of 1: 2 process(es) here, world 2, CPU" in stdout

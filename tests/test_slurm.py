@@ -8,13 +8,12 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, accelerate_cpu, load_weights, read_metrics, run_main
+from conftest import REPO, accelerate_cpu, load_weights, read_metrics, run_main, wait_for_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +68,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, mnist_roo
     out = tmp_path / "run"
     common = TRAIN + [f"data.root={mnist_root}", "data.train_samples=4000"]
     proc = sbatch(tmp_path, common + [f"output_dir={out}"])
-    t0 = time.time()
-    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.time() - t0 < 120, log_of(tmp_path)
-        time.sleep(0.3)
+    wait_for_metrics(out, proc, lines=2, log=lambda: log_of(tmp_path))
     job = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()[0]
     # What SLURM sends to the job steps before the time limit (--signal=USR1@180).
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
