@@ -1,12 +1,54 @@
 #!/usr/bin/env bash
-# GPU checks, for the device machine (under 5 minutes): installs the project, then runs
-# bench/gpu_check.py and leaves its table in $OUT. Runs on a CPU-only machine too (GPU rows
-# are then reported as skipped), which is how it is tested before spending GPU time.
-#   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh
-set -euo pipefail
+# The GPU checks and benchmark, for one GPU machine, in about 5 minutes; most important first,
+# each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
+# and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
+#   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
+# STEPs (default: all, in this order): speed full tests tuning quality check.
+# MNIST_GZ=folder-with-MNIST/raw/*.gz unpacks a gzipped copy first (what travels to the
+# project's device machine; see docs/performance.md).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
-MNIST_ROOT=${MNIST_ROOT:-../shared/data}
-python -m pip install --quiet -e . >/dev/null
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$OUT/nvidia-smi.csv" || true
-python bench/gpu_check.py --data-root "$MNIST_ROOT" --out "$OUT/gpu_check"
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+if [[ -n "${MNIST_GZ:-}" ]]; then
+    MNIST_ROOT=/tmp/mnist
+    mkdir -p "$MNIST_ROOT/MNIST/raw"
+    for f in "$MNIST_GZ"/MNIST/raw/*.gz; do gunzip -c "$f" >"$MNIST_ROOT/MNIST/raw/$(basename "$f" .gz)"; done
+fi
+export MNIST_ROOT=${MNIST_ROOT:-../shared/data}
+WORK=$(mktemp -d)
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, carry on whatever happens
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    echo "== $name: exit $? at $(date +%T)" | tee -a "$LOG"
+}
+bench() {  # bench NAME SECONDS SECTIONS [ARGS...]
+    local name=$1 limit=$2 sections=$3
+    shift 3
+    step "$name" "$limit" python bench/throughput.py --data "$MNIST_ROOT" --device cuda --sections "$sections" \
+        --work "$WORK" --out "$WORK/$name.json" "$@"
+    cp "$WORK/$name.json" "$OUT/" 2>/dev/null
+    cat "$WORK/$name.md" >>"$LOG" 2>/dev/null
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$LOG" 2>&1
+python -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)" >>"$LOG" 2>&1
+STEPS="$*"
+want() { [[ -z "$STEPS" || " $STEPS " == *" $1 "* ]]; }
+want speed && bench speed 230 speed,scaling,floor
+want full && bench full 150 full \
+    --full "perf.cuda_graphs=true perf.channels_last=false" --full "perf.cuda_graphs=true perf.channels_last=false perf.compile=true"
+want tests && step gpu_tests 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py
+want tuning && bench tuning 120 tuning,floor --batch 16384
+want quality && bench quality 70 quality --reference-ttq estimate
+if want check; then
+    step gpu_check 90 python bench/gpu_check.py --data-root "$MNIST_ROOT" --out "$WORK/gpu_check"
+    cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
+    cat "$WORK/gpu_check/gpu_check.md" >>"$LOG" 2>/dev/null
+fi
+echo "done $(date +%T)" | tee -a "$LOG"

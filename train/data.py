@@ -110,7 +110,10 @@ class EpochOrder:
         self._sampler.set_epoch(epoch)
         order = torch.tensor(list(self._sampler), dtype=torch.int64)
         used = order[: self.steps_per_epoch * self.per_device_batch_size]
-        return used.view(self.steps_per_epoch, self.per_device_batch_size).to(device)
+        used = used.view(self.steps_per_epoch, self.per_device_batch_size)
+        if device.type == "cuda":  # the one host-to-device copy of an epoch, off the critical path
+            return used.pin_memory().to(device, non_blocking=True)
+        return used.to(device)
 
 
 def eval_shard(num_samples: int, num_replicas: int, rank: int) -> torch.Tensor:

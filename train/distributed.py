@@ -14,9 +14,9 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
 
-from train.config import MIXED_PRECISIONS
+from train.config import MIXED_PRECISIONS, PerfConfig, TrainConfig
 from train.errors import UserError
 
 
@@ -59,12 +59,32 @@ def check_world_size(launched: int, joined: int) -> None:
 def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> Accelerator:
     cuda = torch.cuda.is_available()
     effective = resolve_mixed_precision(mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda)
-    # Without CUDA, accelerate forms a gloo group only when told to use the CPU.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=effective, kwargs_handlers=[timeout])
+    # Autocast's weight-cast cache only lives for one forward here (each weight is used
+    # once), and a cache filled during CUDA graph capture would be freed under the graph.
+    autocast = AutocastKwargs(cache_enabled=False)
+    # Without CUDA, accelerate forms a gloo group only when told to use the CPU.
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=effective, kwargs_handlers=[timeout, autocast])
     # torchrun and accelerate launch tell each process the world size they started.
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
+
+
+def check_perf(perf: PerfConfig, train: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse speed settings this launch cannot honour, before any work is done."""
+    if not perf.cuda_graphs:
+        return
+    problems = []
+    if accelerator.device.type != "cuda":
+        problems.append("a CUDA GPU (there is none)")
+    if accelerator.num_processes > 1:
+        problems.append(f"one process (this launch has {accelerator.num_processes}; DDP's hooks are not captured)")
+    if train.gradient_accumulation_steps > 1:
+        problems.append("train.gradient_accumulation_steps=1")
+    if accelerator.mixed_precision == "fp16":
+        problems.append("no fp16 (its loss scaler decides on the host; use bf16)")
+    if problems:
+        raise LaunchError(f"perf.cuda_graphs=true needs {'; '.join(problems)}: set perf.cuda_graphs=false or fix that")
 
 
 def describe(accelerator: Accelerator) -> dict[str, object]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from torchvision.utils import save_image
 from train import checkpoint, metrics, noise
 from train.checkpoint import TrainerState
 from train.config import Config
+from train.cuda_graph import CapturedStep
 from train.data import EpochOrder, Split
 from train.errors import UserError
 from train.preemption import Preempted, StopFlag, maybe_inject_fault
@@ -78,6 +80,13 @@ def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, factor: 
     save_image(torch.cat([noisy, out, clean]), str(path), nrow=len(indices), padding=2, pad_value=0.5)
 
 
+def build_optimizer(model: nn.Module, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam with the fused kernel: one kernel for all parameters on the CPU or a GPU, instead
+    of a Python loop or a dozen multi-tensor kernels per step. `capturable` keeps its step
+    counter on the device, which CUDA graph capture needs."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
+
+
 class Trainer:
     """Owns the run's moving parts; `fit()` trains from `state` to the end of the schedule."""
 
@@ -94,7 +103,15 @@ class Trainer:
         self.schedule = Schedule(self.order.steps_per_epoch, tc.gradient_accumulation_steps, tc.epochs, tc.max_steps)
         self.global_batch = tc.per_device_batch_size * accelerator.num_processes  # images per micro-step
         self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
+        # perf.compile also fuses the noise hash (~75 small integer and float kernels eager) into one.
+        self.add_noise = torch.compile(noise.keyed_add_noise) if cfg.perf.compile else noise.keyed_add_noise
         self._settle_gradient_buckets()
+        self.captured: CapturedStep | None = None
+        if cfg.perf.cuda_graphs:  # distributed.check_perf allowed it: one process, no accumulation
+            t0 = time.perf_counter()
+            self.captured = CapturedStep(self._graph_step, tc.per_device_batch_size, accelerator.device,
+                                         model, optimizer)
+            tracker.info(f"captured one optimizer step as a CUDA graph in {time.perf_counter() - t0:.1f} s")
 
     def _settle_gradient_buckets(self) -> None:
         """One throw-away backward pass, so every real step all-reduces in the same layout.
@@ -112,9 +129,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- one micro-step ------------------------------------------------------------------
-    def _micro_step(self, indices: torch.Tensor, epoch: int, micro_step: int) -> torch.Tensor:
+    def _micro_step(self, indices: torch.Tensor, key: torch.Tensor, micro_step: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; `key` is the epoch's noise stream."""
         clean = self.train_split.batch(indices)
-        noisy = noise.add_noise(clean, indices, self.cfg.noise.factor, self.cfg.train.seed, epoch)
+        noisy = self.add_noise(clean, indices, self.cfg.noise.factor, key)
         boundary = self.schedule.is_boundary(micro_step)
         # We pick the sync step ourselves instead of `accelerator.accumulate`: that one keys the
         # end of an epoch off a prepared DataLoader, which this job does not use (it would
@@ -135,6 +153,12 @@ class Trainer:
         self.optimizer.step()  # under fp16, the scaler skips steps with inf/NaN gradients
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _graph_step(self, indices: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """A whole optimizer step (accumulation is 1 here): what CapturedStep records."""
+        loss = self._micro_step(indices, key, 0)
+        self._optimizer_step()
+        return loss
+
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> None:
         s, sched, cfg = self.state, self.schedule, self.cfg
@@ -146,13 +170,21 @@ class Trainer:
         window = _ThroughputWindow(self.accelerator, self.global_batch)
         while s.step < total and s.epoch < sched.epochs:
             epoch_indices = self.order.epoch_indices(s.epoch, self.accelerator.device)
+            # The epoch's noise stream as a device tensor: one value for eager, compiled and graphed steps.
+            key = torch.tensor(noise.stream_key(cfg.train.seed, s.epoch), dtype=torch.int32,
+                               device=self.accelerator.device)
             while s.micro_step < sched.micro_steps_per_epoch and s.step < total:
                 m = s.micro_step
-                window.add_loss(self._micro_step(epoch_indices[m], s.epoch, m))
+                boundary = sched.is_boundary(m)
+                if self.captured is not None:  # forward, backward and optimizer step in one graph
+                    window.add_loss(self.captured.replay(epoch_indices[m], key))
+                else:
+                    window.add_loss(self._micro_step(epoch_indices[m], key, m))
+                    if boundary:
+                        self._optimizer_step()
                 s.micro_step += 1
-                if not sched.is_boundary(m):
+                if not boundary:
                     continue
-                self._optimizer_step()
                 s.step += 1
                 maybe_inject_fault("after_step", s.step, self.accelerator.process_index)
                 window.add_step(sched.window_len(m))
@@ -185,6 +217,9 @@ class Trainer:
         record = {"step": self.state.step, "epoch": self.state.epoch, "train/loss": loss}
         if images_per_s is not None:
             record["train/images_per_s"] = images_per_s
+        record["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        if self.accelerator.device.type == "cuda":
+            record["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
         if self.accelerator.scaler is not None:  # fp16: the scale halves on each skipped (inf/NaN) step
             record["train/loss_scale"] = self.accelerator.scaler.get_scale()
         self.tracker.log(record)

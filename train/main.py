@@ -82,8 +82,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     from train import checkpoint
     from train.config import save_config
     from train.data import load_mnist
-    from train.distributed import build_accelerator, describe
-    from train.loop import Trainer
+    from train.distributed import build_accelerator, check_perf, describe
+    from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag
     from train.tracking import build_tracker
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     stop = StopFlag()
     stop.install()  # from here on a stop signal is honoured at the next optimizer step
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
+    check_perf(cfg.perf, cfg.train, accelerator)
     output_dir = Path(cfg.output_dir)
     setup = describe(accelerator)
     resume_from = _prepare_output_dir(accelerator, cfg, checkpoint)
@@ -103,9 +104,20 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
         train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
                                              cfg.data.train_samples, cfg.data.test_samples)
 
+    # Deterministic cuDNN kernels unless autotuning is asked for: with them a GPU run repeats
+    # bit for bit, and a resumed run ends where an uninterrupted one would.
+    torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
+    torch.backends.cudnn.deterministic = not cfg.perf.cudnn_benchmark
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model.name)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    if cfg.perf.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
+    if cfg.perf.compile:
+        model.compile()  # in place: parameter names and checkpoints stay those of the eager model
+    global_batch = cfg.train.per_device_batch_size * accelerator.num_processes * cfg.train.gradient_accumulation_steps
+    lr = cfg.train.effective_lr(global_batch)
+    setup.update(global_batch=global_batch, lr=lr)
+    optimizer = build_optimizer(model, lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     compat = {
@@ -134,6 +146,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
     n_params = sum(p.numel() for p in model.parameters())
     tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {output_dir}")
+    tracker.info(f"global batch {global_batch} images per optimizer step, lr {lr:g} (train.lr_scaling={cfg.train.lr_scaling}); "
+                 f"perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
 

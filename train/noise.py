@@ -39,8 +39,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def _stream_key(seed: int, epoch: int) -> int:
-    """Fold (seed, epoch) into one 32-bit key (host-side, once per batch)."""
+def stream_key(seed: int, epoch: int) -> int:
+    """Fold (seed, epoch) into one 32-bit key (host-side, once per batch or epoch)."""
     key = _mix32(torch.tensor(_signed32(seed), dtype=torch.int32))
     key = _mix32(key ^ _signed32(seed >> 32))
     return int(_mix32(key ^ _signed32(epoch)))
@@ -53,8 +53,13 @@ def gaussian(indices: torch.Tensor, shape: tuple[int, ...], seed: int, epoch: in
     any batch, on any process. Box-Muller over two hashed uniforms per value. Epoch
     EVAL_EPOCH is kept for the fixed evaluation noise.
     """
+    return keyed_gaussian(indices, shape, stream_key(seed, epoch))
+
+
+def keyed_gaussian(indices: torch.Tensor, shape: tuple[int, ...], key: int | torch.Tensor) -> torch.Tensor:
+    """`gaussian` for the stream `key` = stream_key(seed, epoch): an int, or an int32 scalar
+    tensor on the device (so a captured CUDA graph can change epochs without re-capture)."""
     numel = math.prod(shape)
-    key = _stream_key(seed, epoch)
     # Counter of each value: 2 per pixel (two uniforms), numel pixels per sample; for MNIST
     # (60,000 x 784 x 2) it stays below 2**27, well inside int32 (index < 2**30 / (2 numel)).
     pixel = torch.arange(numel, device=indices.device, dtype=torch.int32)
@@ -70,5 +75,10 @@ def gaussian(indices: torch.Tensor, shape: tuple[int, ...], seed: int, epoch: in
 
 def add_noise(clean: torch.Tensor, indices: torch.Tensor, factor: float, seed: int, epoch: int) -> torch.Tensor:
     """The reference corruption: clean + factor * N(0, 1), clipped back to [0, 1]."""
-    z = gaussian(indices, tuple(clean.shape[1:]), seed, epoch)
+    return keyed_add_noise(clean, indices, factor, stream_key(seed, epoch))
+
+
+def keyed_add_noise(clean: torch.Tensor, indices: torch.Tensor, factor: float, key: int | torch.Tensor) -> torch.Tensor:
+    """`add_noise` for the stream `key` (see keyed_gaussian)."""
+    z = keyed_gaussian(indices, tuple(clean.shape[1:]), key)
     return (clean + factor * z).clamp_(0.0, 1.0)

@@ -1,0 +1,162 @@
+"""Speed settings change how fast, not what: each one against the plain run.
+
+The CUDA graph tests need a GPU (marker `gpu`); the bookkeeping around the capture (warm-up
+steps that must leave no trace, static inputs) is checked here on the CPU too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_weights, read_metrics, run_main
+from train import noise
+from train.config import ConfigError, load_config
+from train.cuda_graph import CapturedStep
+from train.loop import build_optimizer
+from train.model import ConvDenoiser
+
+SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_lr_scaling_rules():
+    cfg = load_config(None, ["train.lr=0.001", "train.lr_scaling=sqrt"])
+    assert cfg.train.effective_lr(80) == pytest.approx(0.002)  # sqrt(80 / 20) = 2
+    assert cfg.train.effective_lr(20) == pytest.approx(0.001)
+    linear = load_config(None, ["train.lr_scaling=linear", "train.lr_reference_batch=10"])
+    assert linear.train.effective_lr(40) == pytest.approx(0.004)
+    assert load_config(None, []).train.effective_lr(5000) == pytest.approx(0.001)  # none: as given
+    with pytest.raises(ConfigError, match="train.lr_scaling"):
+        load_config(None, ["train.lr_scaling=cubic"])
+
+
+def test_noise_key_as_device_tensor_matches_the_int_key():
+    idx = torch.arange(50, 70)
+    key = noise.stream_key(3, 7)
+    as_tensor = noise.keyed_gaussian(idx, (1, 28, 28), torch.tensor(key, dtype=torch.int32))
+    assert torch.equal(as_tensor, noise.gaussian(idx, (1, 28, 28), 3, 7))
+
+
+def _trained(steps: int, captured: bool) -> tuple[list[torch.Tensor], dict]:
+    torch.manual_seed(0)
+    model = ConvDenoiser()
+    opt = build_optimizer(model, 1e-3)
+    images = torch.rand(64, 1, 28, 28)
+
+    def step(indices, key):
+        clean = images[indices]
+        loss = F.mse_loss(model(noise.keyed_add_noise(clean, indices, 0.5, key)), clean)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    runner = CapturedStep(step, 8, torch.device("cpu"), model, opt) if captured else None
+    for i in range(steps):
+        indices, key = torch.arange(8) + 8 * (i % 8), torch.tensor(noise.stream_key(0, i // 8), dtype=torch.int32)
+        if runner:
+            runner.replay(indices, key)
+        else:
+            step(indices, key)
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
+def test_capture_warmup_leaves_no_trace():
+    """The warm-up steps before capture train the model; what they changed is put back, so
+    the run equals one without them (on the CPU the replay is eager: same bookkeeping)."""
+    for steps in (0, 12):
+        plain, plain_opt = _trained(steps, captured=False)
+        with_warmup, warm_opt = _trained(steps, captured=True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, with_warmup))
+        for p, w in zip(plain_opt["state"].values(), warm_opt["state"].values()):
+            assert all(torch.equal(p[k], w[k]) for k in p)
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_mnist, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for machines without one")
+    out = tmp_path / "run"
+    result = run_main(SMALL + [f"data.root={tiny_mnist}", f"output_dir={out}", "perf.cuda_graphs=true"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: perf.cuda_graphs=true needs a CUDA GPU (there is none): set perf.cuda_graphs=false or fix that"]
+
+
+@pytest.mark.parametrize("device, processes, accumulation, precision, problem", [
+    ("cuda", 2, 1, "no", "one process (this launch has 2"),
+    ("cuda", 1, 4, "no", "train.gradient_accumulation_steps=1"),
+    ("cuda", 1, 1, "fp16", "no fp16"),
+])
+def test_cuda_graphs_refuse_what_a_capture_cannot_hold(device, processes, accumulation, precision, problem):
+    from types import SimpleNamespace
+
+    from train.distributed import LaunchError, check_perf
+
+    cfg = load_config(None, ["perf.cuda_graphs=true", f"train.gradient_accumulation_steps={accumulation}"])
+    launch = SimpleNamespace(device=torch.device(device), num_processes=processes, mixed_precision=precision)
+    with pytest.raises(LaunchError, match=re.escape(problem)):
+        check_perf(cfg.perf, cfg.train, launch)
+    allowed = load_config(None, ["perf.cuda_graphs=true"])  # one GPU, bf16, no accumulation
+    check_perf(allowed.perf, allowed.train, SimpleNamespace(device=torch.device("cuda"), num_processes=1,
+                                                            mixed_precision="bf16"))
+
+
+def test_channels_last_and_compile_train_the_same_model(tiny_mnist, tmp_path):
+    """Other kernels, same arithmetic: weights agree to rounding after an epoch of steps,
+    and the train log carries the memory figures."""
+    base = SMALL + [f"data.root={tiny_mnist}", "data.train_samples=96"]
+    runs = {"plain": ["perf.channels_last=false"], "channels_last": [],
+            "compiled": ["perf.compile=true"]}
+    for name, extra in runs.items():
+        _ok(run_main(base + extra + [f"output_dir={tmp_path / name}"], timeout=600))
+    ref = load_weights(tmp_path / "plain")
+    for name in runs:
+        got = load_weights(tmp_path / name)
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], atol=1e-5), (name, k, (got[k] - ref[k]).abs().max())
+    record = next(m for m in read_metrics(tmp_path / "plain") if "train/loss" in m)
+    assert 0.05 < record["memory/max_rss_gib"] < 64
+
+
+# -- on a GPU ------------------------------------------------------------------------------
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_cuda_graph_run_matches_the_eager_run(mnist_root, tmp_path, precision):
+    base = SMALL + [f"data.root={mnist_root}", "data.train_samples=2000", "data.test_samples=500",
+                    f"train.mixed_precision={precision}"]
+    _ok(run_main(base + [f"output_dir={tmp_path / 'eager'}"]))
+    _ok(run_main(base + [f"output_dir={tmp_path / 'graph'}", "perf.cuda_graphs=true"]))
+    eager, graph = load_weights(tmp_path / "eager"), load_weights(tmp_path / "graph")
+    for k in eager:  # the same deterministic kernels replayed; only Adam's capturable variant rounds apart
+        assert torch.allclose(graph[k], eager[k], atol=1e-5), (k, (graph[k] - eager[k]).abs().max())
+    le, lg = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "graph")
+    assert [m["step"] for m in le] == [m["step"] for m in lg]
+    assert lg[-1]["eval/psnr_db"] == pytest.approx(le[-1]["eval/psnr_db"], abs=0.05)
+    assert any("memory/max_allocated_gib" in m for m in lg)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_run_resumes_exactly(mnist_root, tmp_path):
+    """Stopped after 60 steps and resumed (a new capture from the checkpoint's state), the
+    run ends where an uninterrupted graphed run ends."""
+    base = SMALL + [f"data.root={mnist_root}", "data.train_samples=2000", "data.test_samples=500",
+                    "perf.cuda_graphs=true", "train.epochs=2", "checkpoint.every_n_steps=60"]
+    _ok(run_main(base + [f"output_dir={tmp_path / 'whole'}"]))
+    split = tmp_path / "split"
+    stopped = run_main(base + [f"output_dir={split}"], env={"DENOISE_FAULT": "after_step:61"})
+    assert stopped.returncode != 0
+    _ok(run_main(base + [f"output_dir={split}"]))
+    whole, resumed = load_weights(tmp_path / "whole"), load_weights(split)
+    for k in whole:
+        assert torch.allclose(resumed[k], whole[k], atol=1e-6), (k, (resumed[k] - whole[k]).abs().max())
