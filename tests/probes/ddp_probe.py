@@ -25,7 +25,7 @@ from train.checkpoint import TrainerState  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import load_mnist  # noqa: E402
 from train.distributed import build_accelerator  # noqa: E402
-from train.loop import Trainer  # noqa: E402
+from train.loop import Trainer, build_optimizer  # noqa: E402
 from train.model import build_model  # noqa: E402
 from train.tracking import NullTracker  # noqa: E402
 
@@ -61,7 +61,7 @@ def main() -> None:
         record["eval"] = metrics.evaluate(accelerator.unwrap_model(model), test_split, accelerator,
                                           cfg.noise.factor, cfg.noise.eval_seed, cfg.eval.per_device_batch_size)
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+        optimizer = build_optimizer(model, cfg.train.lr)
         model, optimizer = accelerator.prepare(model, optimizer)
         allreduces = [0]
 
@@ -77,11 +77,11 @@ def main() -> None:
         micro, steps = [], []
         real_micro_step, real_optimizer_step = trainer._micro_step, trainer._optimizer_step
 
-        def micro_step(indices, epoch, m):
+        def micro_step(indices, key, m):
             before = allreduces[0]
-            loss = real_micro_step(indices, epoch, m)
+            loss = real_micro_step(indices, key, m)
             grads = _flat(p.grad for p in model.parameters())
-            micro.append({"epoch": epoch, "micro_step": m, "boundary": trainer.schedule.is_boundary(m),
+            micro.append({"epoch": trainer.state.epoch, "micro_step": m, "boundary": trainer.schedule.is_boundary(m),
                           "allreduces": allreduces[0] - before, "grads_equal": _same_on_all_ranks(grads)})
             return loss
 
