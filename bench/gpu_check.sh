@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmark, for one GPU machine, in about 5 minutes; most important first,
+# The GPU checks and benchmark, for one GPU machine: about 10 minutes for all steps on an H100
+# (`speed tests` alone: about 4.5); most important first,
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
