@@ -129,9 +129,11 @@ class PerfConfig:
 
     channels_last: bool = True
     """keep weights and activations in NHWC, which oneDNN (CPU) and cuDNN's tensor-core
-    kernels prefer: 1.3-1.5x on the CPU at batch 20, 1.2x on an H100 at large batches"""
+    kernels prefer: 1.3x on a CPU at batch 20, 1.2x on an H100 at large batches (0.9x with
+    cuda_graphs at batch 20)"""
     compile: bool = False
-    """torch.compile the model (inductor); the first steps pay the compile time"""
+    """torch.compile the model and the training noise (inductor); the first steps pay the
+    compile time (GPU: ~15 s); slower on the CPUs measured"""
     cudnn_benchmark: bool = False
     """let cuDNN time its kernels and keep the fastest (GPU). Off, cuDNN uses deterministic
     kernels only, so a GPU run repeats bit for bit and resumes exactly; on, it does not"""
