@@ -58,12 +58,12 @@ PLANS = {
 }
 # Section tuning: settings tried at one batch size (--batch, or the sweep's fastest).
 TUNING = {
-    "cpu": [["train.mixed_precision=no"], ["train.mixed_precision=no", "perf.channels_last=true"],
+    "cpu": [["train.mixed_precision=no", "perf.channels_last=false"], ["train.mixed_precision=no", "perf.channels_last=true"],
             ["train.mixed_precision=no", "perf.channels_last=true", "perf.compile=true"]],
     "cuda": [["train.mixed_precision=bf16", "perf.channels_last=true"],
              ["train.mixed_precision=bf16", "perf.channels_last=true", "perf.cudnn_benchmark=true"],
              ["train.mixed_precision=bf16", "perf.channels_last=true", "perf.cudnn_benchmark=true", "perf.compile=true"],
-             ["train.mixed_precision=bf16", "perf.cudnn_benchmark=true"],
+             ["train.mixed_precision=bf16", "perf.channels_last=false", "perf.cudnn_benchmark=true"],
              ["train.mixed_precision=no", "perf.channels_last=true", "perf.cudnn_benchmark=true"]],
 }
 
