@@ -95,6 +95,12 @@ def _env(device: str, threads: int | None = None) -> dict[str, str]:
     return env
 
 
+def _main_cmd(args, prefix: str, *extra: str) -> tuple[list[str], Path]:
+    """`python train/main.py` on a fresh output folder under args.work, quiet, with `extra`."""
+    out = Path(tempfile.mkdtemp(prefix=prefix, dir=args.work))
+    return [sys.executable, str(MAIN), f"data.root={args.data}", f"output_dir={out}", *QUIET, *extra], out
+
+
 def _launch(cmd: list[str], device: str, processes: int) -> tuple[list[str], dict[str, str]]:
     """`cmd` (python train/main.py ...) as is for one process, else under accelerate launch
     with a gloo group of CPU processes, one thread each share of the cores."""
@@ -108,10 +114,9 @@ def _launch(cmd: list[str], device: str, processes: int) -> tuple[list[str], dic
 
 def ours(name: str, args, overrides: list[str], steps: int, processes: int = 1, timeout: float = 900) -> dict:
     """One run of train/main.py for `steps` optimizer steps; images/s from its own log."""
-    out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.work))
     every = max(steps // 8, 1)  # 8 windows: the first is dropped (warm-up, compile)
-    cmd = [sys.executable, str(MAIN), f"data.root={args.data}", f"output_dir={out}", f"train.max_steps={steps}",
-           f"logging.every_n_steps={every}", "eval.every_n_epochs=1000", *QUIET, *overrides]
+    cmd, out = _main_cmd(args, "bench-", f"train.max_steps={steps}", f"logging.every_n_steps={every}",
+                         "eval.every_n_epochs=1000", *overrides)
     cmd, env = _launch(cmd, args.device, processes)
     result, wall = _run(cmd, env, timeout)
     row = {"row": name, "settings": " ".join(overrides) or "defaults", "processes": processes}
@@ -151,10 +156,8 @@ def time_to_quality(args, config: str, target: float, timeout: float, processes:
     first reports test PSNR >= target."""
     from train.config import load_config
 
-    out = Path(tempfile.mkdtemp(prefix="bench-ttq-", dir=args.work))
     per_device = load_config(REPO / config).train.per_device_batch_size // processes
-    cmd = [sys.executable, str(MAIN), "--config", config, f"data.root={args.data}", f"output_dir={out}", *QUIET,
-           f"train.per_device_batch_size={per_device}"]
+    cmd, out = _main_cmd(args, "bench-ttq-", "--config", config, f"train.per_device_batch_size={per_device}")
     cmd, env = _launch(cmd, args.device, processes)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -185,9 +188,7 @@ def time_to_quality(args, config: str, target: float, timeout: float, processes:
 def full_run(args, overrides: list[str]) -> dict:
     """configs/default.yaml from launch to exit, with `overrides`; start-up ends when the
     job logs its settings (data loaded, model built), just before training starts."""
-    out = Path(tempfile.mkdtemp(prefix="bench-full-", dir=args.work))
-    cmd = [sys.executable, str(MAIN), "--config", "configs/default.yaml", f"data.root={args.data}",
-           f"output_dir={out}", *QUIET, *overrides]
+    cmd, out = _main_cmd(args, "bench-full-", "--config", "configs/default.yaml", *overrides)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(args.device), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

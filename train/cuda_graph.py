@@ -1,6 +1,6 @@
 """One optimizer step captured as a CUDA graph and replayed, for small batches on one GPU.
 
-At the reference batch of 20 a step is ~60 kernels of a few microseconds each: launching
+At the reference batch of 20 a step is ~130 kernels of a few microseconds each: launching
 them from Python costs more than running them. A captured graph launches all of them at
 once. What changes between steps lives in static tensors the graph reads: the batch's
 sample indices and the noise stream's key (see noise.keyed_gaussian). Everything else the
@@ -37,6 +37,7 @@ class CapturedStep:
         self.step_fn = step_fn
         self.indices = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.key = torch.zeros((), dtype=torch.int32, device=device)
+        self._key_source: torch.Tensor | None = None  # the caller's key tensor last copied in
         saved = _snapshot(model, optimizer)
         self.graph: torch.cuda.CUDAGraph | None = None
         if device.type == "cuda":
@@ -59,20 +60,25 @@ class CapturedStep:
         """Run one step on `indices` with noise stream `key` (int32 scalar tensor); returns
         the step's loss, on the device."""
         self.indices.copy_(indices, non_blocking=True)
-        self.key.copy_(key, non_blocking=True)
+        if key is not self._key_source:  # a new tensor once per epoch: no copy on the other steps
+            self.key.copy_(key, non_blocking=True)
+            self._key_source = key
         if self.graph is None:
             return self.step_fn(self.indices, self.key)
         self.graph.replay()
         return self.loss
 
 
+def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return list(model.parameters()) + list(model.buffers())
+
+
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Copies of everything a training step changes. Optimizer state that does not exist
     yet (a fresh run) is recorded as None: it is created by the warm-up and zeroed after,
     which is what Adam's fresh state is (moments 0, step 0)."""
-    tensors = list(model.parameters()) + list(model.buffers())
     return {
-        "model": [t.detach().clone() for t in tensors],
+        "model": [t.detach().clone() for t in _model_tensors(model)],
         "optimizer": {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
                       if p in optimizer.state else None
                       for group in optimizer.param_groups for p in group["params"]},
@@ -82,7 +88,7 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 @torch.no_grad()
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Write the snapshot back in place: the graph holds these tensors' addresses."""
-    for t, value in zip(list(model.parameters()) + list(model.buffers()), saved["model"]):
+    for t, value in zip(_model_tensors(model), saved["model"]):
         t.copy_(value)
     for p, state in saved["optimizer"].items():
         for k, v in optimizer.state[p].items():
