@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train import metrics  # noqa: E402
+from train.noise import NoiseSpec  # noqa: E402
 from train.data import load_mnist  # noqa: E402
 from train.model import ConvDenoiser  # noqa: E402
 
@@ -92,7 +93,7 @@ def _evaluate(model: torch.nn.Module, split, device: torch.device) -> dict[str, 
     """The job's own evaluation (same fixed test noise, all 10,000 images), one process."""
     from accelerate import Accelerator
 
-    result = metrics.evaluate(model, split, Accelerator(cpu=device.type == "cpu"), 0.5, 1234, 1000)
+    result = metrics.evaluate(model, split, Accelerator(cpu=device.type == "cpu"), NoiseSpec("gaussian", 0.5, 0.5), 1234, 1000)
     return {k: result[k] for k in ("eval/mse", "eval/psnr_db", "eval/ssim")}
 
 if __name__ == "__main__":

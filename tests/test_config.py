@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,40 @@ def test_bad_config_fails_naming_the_problem(tmp_path, text, overrides, words):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_noise_specs_for_training_and_evaluation():
+    from train.noise import NoiseSpec
+
+    cfg = load_config(None, ["noise.kind=salt_pepper", "noise.factor=0.3"])
+    assert cfg.noise.train_spec() == cfg.noise.eval_spec() == NoiseSpec("salt_pepper", 0.3, 0.3)
+    cfg = load_config(None, ["noise.train_factor_min=0.2", "noise.train_factor_max=0.8"])
+    assert cfg.noise.train_spec() == NoiseSpec("gaussian", 0.2, 0.8)
+    assert cfg.noise.eval_spec() == NoiseSpec("gaussian", 0.5, 0.5)  # evaluation stays at the fixed level
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["noise.kind=speckle"], ["noise.kind", "gaussian", "salt_pepper"]),
+    (["noise.kind=salt_pepper", "noise.factor=1.5"], ["noise.factor", "<= 1", "fraction"]),
+    (["noise.train_factor_min=0.6", "noise.train_factor_max=0.4"], ["noise.train_factor_min", "<="]),
+    (["model.unet.levels=4"], ["model.unet.levels", "1, 2 or 3"]),
+    (["model.unet.channels=0"], ["model.unet.channels", ">= 1"]),
+    (["train.lr_schedule=linear"], ["train.lr_schedule", "cosine"]),
+    (["train.warmup_steps=-1"], ["train.warmup_steps", ">= 0"]),
+    (["eval.min_output_std=-1"], ["eval.min_output_std", ">= 0"]),
+])
+def test_issue7_keys_fail_naming_the_key(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
+    tc = load_config(None, ["train.lr_schedule=cosine", "train.warmup_steps=9"]).train
+    lrs = [tc.lr_at(step, 109, 1.0) for step in range(109)]
+    assert lrs[:9] == pytest.approx([(s + 1) / 10 for s in range(9)])  # linear warm-up, never 0
+    assert lrs[9] == 1.0 and lrs[59] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # decreasing after the warm-up
+    const = load_config(None).train
+    assert {const.lr_at(s, 109, 0.3) for s in range(109)} == {0.3}

@@ -43,7 +43,7 @@ class _Halve(nn.Module):
 
 def test_evaluate_scores_every_test_image_against_direct_computation(tmp_path):
     _, test = load_mnist(str(make_tiny_mnist(tmp_path, n_test=37)), False, torch.device("cpu"))
-    result = evaluate(_Halve(), test, Accelerator(cpu=True), factor=0.5, seed=9, per_device_batch_size=8)
+    result = evaluate(_Halve(), test, Accelerator(cpu=True), spec=0.5, seed=9, per_device_batch_size=8)
     idx = torch.arange(37)
     clean = test.images.float() / 255
     noisy = noise.add_noise(clean, idx, 0.5, 9, noise.EVAL_EPOCH)
@@ -54,3 +54,20 @@ def test_evaluate_scores_every_test_image_against_direct_computation(tmp_path):
     assert result["eval/noisy_psnr_db"] == pytest.approx(10 * math.log10(1 / ((noisy - clean) ** 2).mean().item()),
                                                          rel=1e-6)
     assert result["eval/ssim"] == pytest.approx(ssim_per_image(noisy * 0.5, clean).mean().item(), rel=1e-5)
+
+
+class _Constant(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_output_std_tells_a_collapsed_model_from_a_working_one(tmp_path):
+    _, test = load_mnist(str(make_tiny_mnist(tmp_path, n_test=40)), False, torch.device("cpu"))
+    acc = Accelerator(cpu=True)
+    collapsed = evaluate(_Constant(), test, acc, spec=0.5, seed=9, per_device_batch_size=16)
+    assert collapsed["eval/output_std"] == 0.0
+    working = evaluate(_Halve(), test, acc, spec=0.5, seed=9, per_device_batch_size=16)
+    clean = test.images.float() / 255
+    noisy = noise.add_noise(clean, torch.arange(40), 0.5, 9, noise.EVAL_EPOCH)
+    expected = (noisy * 0.5).std(0, unbiased=False).mean().item()  # per-pixel std across images
+    assert working["eval/output_std"] == pytest.approx(expected, rel=1e-6)

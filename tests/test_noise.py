@@ -48,3 +48,41 @@ def test_add_noise_is_the_reference_corruption():
     assert torch.equal(noisy, expected)
     assert noisy.min() >= 0 and noisy.max() <= 1
     assert torch.equal(noise.add_noise(clean, idx, 0.0, 0, 4), clean)
+
+
+SP = noise.NoiseSpec("salt_pepper", 0.2, 0.2)
+
+
+def test_salt_and_pepper_sets_the_given_fraction_to_0_or_1_deterministically():
+    clean = torch.full((500, 1, 28, 28), 0.5)
+    idx = torch.arange(500)
+    noisy = noise.add_noise(clean, idx, SP, seed=1, epoch=3)
+    hit = noisy != 0.5
+    assert abs(hit.float().mean().item() - 0.2) < 0.005  # 392,000 pixels
+    assert set(noisy[hit].unique().tolist()) == {0.0, 1.0}
+    assert abs((noisy[hit] == 1).float().mean().item() - 0.5) < 0.01
+    perm = torch.randperm(500)
+    assert torch.equal(noise.add_noise(clean[perm], perm, SP, 1, 3), noisy[perm])  # per sample, not per batch
+    assert not torch.equal(noise.add_noise(clean, idx, SP, 1, 4), noisy)  # a new epoch, new noise
+    assert torch.equal(noise.add_noise(clean, idx, noise.NoiseSpec("salt_pepper", 0.0, 0.0), 1, 3), clean)
+
+
+def test_per_sample_levels_are_uniform_in_the_range_and_follow_the_sample():
+    idx = torch.arange(20_000)
+    key = noise.stream_key(2, 5)
+    levels = noise.sample_levels(idx, key, 0.1, 0.9)
+    assert levels.min() >= 0.1 and levels.max() <= 0.9
+    assert abs(levels.mean().item() - 0.5) < 0.01 and abs(levels.std().item() - 0.8 / math.sqrt(12)) < 0.01
+    perm = torch.randperm(20_000)
+    assert torch.equal(noise.sample_levels(perm, key, 0.1, 0.9), levels[perm])
+    assert torch.equal(noise.sample_levels(idx, torch.tensor(key, dtype=torch.int32), 0.1, 0.9), levels)
+    # The Gaussian of each sample has that sample's std (clean 0.5 and levels <= 0.1: no clipping).
+    spec = noise.NoiseSpec("gaussian", 0.02, 0.1)
+    clean = torch.full((300, 1, 28, 28), 0.5)
+    z = noise.add_noise(clean, idx[:300], spec, 2, 5) - 0.5
+    expected = noise.sample_levels(idx[:300], key, 0.02, 0.1)
+    assert torch.allclose(z.flatten(1).std(1), expected, rtol=0.12)
+    # The same level for both kinds: the range is the spec's, whatever the noise.
+    sp = noise.add_noise(clean, idx[:300], noise.NoiseSpec("salt_pepper", 0.0, 1.0), 2, 5)
+    frac = (sp != 0.5).flatten(1).float().mean(1)
+    assert torch.allclose(frac, noise.sample_levels(idx[:300], key, 0.0, 1.0), atol=0.08)

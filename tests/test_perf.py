@@ -102,6 +102,10 @@ def test_cuda_graphs_refuse_what_a_capture_cannot_hold(device, processes, accumu
     from train.distributed import LaunchError, check_perf
 
     cfg = load_config(None, ["perf.cuda_graphs=true", f"train.gradient_accumulation_steps={accumulation}"])
+    scheduled = load_config(None, ["perf.cuda_graphs=true", "train.lr_schedule=cosine"])
+    with pytest.raises(LaunchError, match="train.lr_schedule=constant"):  # the graph keeps its learning rate
+        check_perf(scheduled.perf, scheduled.train, SimpleNamespace(device=torch.device("cuda"), num_processes=1,
+                                                                    mixed_precision="no"))
     launch = SimpleNamespace(device=torch.device(device), num_processes=processes, mixed_precision=precision)
     with pytest.raises(LaunchError, match=re.escape(problem)):
         check_perf(cfg.perf, cfg.train, launch)

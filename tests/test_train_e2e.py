@@ -184,3 +184,52 @@ def test_diverged_training_stops_before_checkpointing(tmp_path, tiny_mnist):
     assert "training loss became nan" in line and "train.lr" in line
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
     assert json.loads((out / "status.json").read_text())["outcome"] == "failed"
+
+
+def test_collapsed_run_stops_with_one_line_and_keeps_the_checkpoints_before(mnist_root, tmp_path):
+    # lr 0.05 drives the reference model to all-black outputs within its first 20 steps
+    # (measured: output std exactly 0, test MSE that of predicting zeros).
+    out = tmp_path / "out"
+    line = _error_line(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=200",
+                                         "train.epochs=3", "train.lr=0.05", "eval.collapse_check_from_step=30"]))
+    assert "training collapsed by step 40" in line and "no longer depend on the input" in line
+    assert "lower train.lr" in line and "checkpoints before the collapse are kept" in line
+    # Step 20 was evaluated but not checked (an untrained model is near-constant too); the
+    # collapsed state of step 40 was never saved.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020"]
+    evals = [m for m in read_metrics(out) if "eval/mse" in m]
+    assert [m["step"] for m in evals] == [20, 40] and evals[-1]["eval/output_std"] < 1e-3
+    assert json.loads((out / "status.json").read_text())["outcome"] == "failed"
+
+
+def test_unet_with_salt_and_pepper_per_sample_levels_trains(mnist_root, tmp_path):
+    out = tmp_path / "out"
+    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=200",
+                              "train.epochs=2", "train.lr=0.003", "model.name=unet", "model.unet.channels=8",
+                              "model.unet.levels=2", "noise.kind=salt_pepper", "noise.factor=0.3", "noise.train_factor_min=0.1",
+                              "noise.train_factor_max=0.5", "eval.collapse_check_from_step=0"]))
+    assert "model unet: 6,425 parameters" in r.stdout
+    assert "noise: train salt_pepper 0.1-0.5 per sample, test salt_pepper 0.3" in r.stdout
+    ev = [m for m in read_metrics(out) if "eval/mse" in m][-1]
+    # 30% of pixels flipped to 0 or 1; 40 steps of a small U-Net clean up a good part (measured: +6 dB).
+    assert ev["eval/psnr_db"] > ev["eval/noisy_psnr_db"] + 4
+    # A resume with other model settings is refused: the weights would not fit.
+    line = _error_line(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=3",
+                                         "model.name=unet", "model.unet.channels=4", "model.unet.levels=2"]))
+    assert "model.settings: saved {'channels': 8, 'levels': 2}, now {'channels': 4, 'levels': 2}" in line
+
+
+def test_cosine_schedule_resumes_exactly_after_a_crash(mnist_root, tmp_path):
+    args = QUICK + [f"data.root={mnist_root}", "data.test_samples=100", "data.train_samples=200", "train.epochs=3",
+                    "train.lr_schedule=cosine", "train.warmup_steps=4", "checkpoint.every_n_steps=8"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    _ok(run_main(args + [f"output_dir={straight}"]))
+    lrs = [m["train/lr"] for m in read_metrics(straight) if "train/lr" in m]
+    assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-5
+    assert run_main(args + [f"output_dir={crashed}"], env={"DENOISE_FAULT": "after_step:13"}).returncode < 0
+    _ok(run_main(args + [f"output_dir={crashed}"]))
+    a, b = load_weights(straight), load_weights(crashed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the learning rate is a function of the step: resume is exact"
+    # More epochs would stretch the cosine under the saved optimizer: refused.
+    line = _error_line(run_main(args + [f"output_dir={crashed}", "train.epochs=4"]))
+    assert "train.epochs: saved 3, now 4" in line

@@ -20,6 +20,7 @@ import yaml
 
 from train.errors import UserError
 from train.model import MODELS
+from train.noise import NoiseSpec
 
 
 class ConfigError(UserError):
@@ -47,29 +48,79 @@ class DataConfig:
         _check(self.test_samples >= 0, "data.test_samples", "must be >= 0 (0 = all)")
 
 
+NOISE_KINDS = ("gaussian", "salt_pepper")
+
+
 @dataclass
 class NoiseConfig:
+    kind: str = "gaussian"
+    """gaussian (clean + factor x N(0, 1), clipped to [0, 1]) | salt_pepper (each pixel, with
+    probability factor, set to 0 or 1, half each)"""
     factor: float = 0.5
-    """std of the additive Gaussian noise, in pixel units (pixels are in [0, 1])"""
+    """noise level: the Gaussian std in pixel units (pixels are in [0, 1]), or the fraction of
+    salt-and-pepper pixels; evaluation always uses it, training too unless a range is set"""
+    train_factor_min: float = 0.0
+    """low end of the per-sample training level (used when train_factor_max > 0)"""
+    train_factor_max: float = 0.0
+    """> 0: each training sample gets its own level, uniform in [train_factor_min,
+    train_factor_max] (a function of seed, epoch and sample); 0 = train at `factor`"""
     eval_seed: int = 1234
     """seed of the fixed evaluation noise; independent of train.seed so runs compare"""
 
     def __post_init__(self) -> None:
-        _check(self.factor >= 0, "noise.factor", f"must be >= 0, got {self.factor}")
+        _check(self.kind in NOISE_KINDS, "noise.kind", f"must be one of {NOISE_KINDS}, got '{self.kind}'")
+        for key in ("factor", "train_factor_min", "train_factor_max"):
+            value = getattr(self, key)
+            _check(value >= 0, f"noise.{key}", f"must be >= 0, got {value}")
+            if self.kind == "salt_pepper":  # a fraction of the pixels
+                _check(value <= 1, f"noise.{key}", f"must be <= 1 for salt_pepper noise (a fraction), got {value}")
+        if self.train_factor_max > 0:
+            _check(self.train_factor_min <= self.train_factor_max, "noise.train_factor_min",
+                   f"must be <= noise.train_factor_max ({self.train_factor_max}), got {self.train_factor_min}")
+
+    def train_spec(self) -> NoiseSpec:
+        """The corruption of training samples: `factor`, or the per-sample range."""
+        if self.train_factor_max > 0:
+            return NoiseSpec(self.kind, self.train_factor_min, self.train_factor_max)
+        return self.eval_spec()
+
+    def eval_spec(self) -> NoiseSpec:
+        """The corruption of test samples: always the fixed level `factor`."""
+        return NoiseSpec(self.kind, self.factor, self.factor)
+
+
+@dataclass
+class UNetConfig:
+    channels: int = 32
+    """feature maps at 28x28; each coarser level has twice as many"""
+    levels: int = 3
+    """resolutions: 1 (28 only), 2 (28, 14) or 3 (28, 14, 7)"""
+
+    def __post_init__(self) -> None:
+        _check(self.channels >= 1, "model.unet.channels", f"must be >= 1, got {self.channels}")
+        _check(1 <= self.levels <= 3, "model.unet.levels", f"must be 1, 2 or 3, got {self.levels}")
 
 
 @dataclass
 class ModelConfig:
     name: str = "conv_denoiser"
-    """which model to train; only the reference `conv_denoiser` exists so far"""
+    """which model to train: conv_denoiser (the reference, no settings) or unet (model.unet)"""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    """settings of the unet model (ignored by the others)"""
 
     def __post_init__(self) -> None:
         names = tuple(MODELS)
         _check(self.name in names, "model.name", f"must be one of {names}, got '{self.name}'")
 
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments of the chosen model: its own section, if it has one."""
+        section = getattr(self, self.name, None)
+        return dataclasses.asdict(section) if section is not None else {}
+
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 LR_SCALINGS = ("none", "sqrt", "linear")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -89,6 +140,10 @@ class TrainConfig:
     step): lr x (global batch / lr_reference_batch), square-rooted for sqrt"""
     lr_reference_batch: int = 20
     """the global batch that train.lr is meant for (the reference recipe's 20)"""
+    lr_schedule: str = "constant"
+    """constant (the reference) | cosine: from the peak lr down to 0 at the last optimizer step"""
+    warmup_steps: int = 0
+    """optimizer steps of linear warm-up from 0 to the peak lr, before the schedule"""
     seed: int = 0
     """seeds the data order and the training noise; the same on every process"""
     mixed_precision: str = "no"
@@ -108,6 +163,9 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.lr_scaling in LR_SCALINGS, "train.lr_scaling",
                f"must be one of {LR_SCALINGS}, got '{self.lr_scaling}'")
+        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
+               f"must be one of {LR_SCHEDULES}, got '{self.lr_schedule}'")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.lr_reference_batch >= 1, "train.lr_reference_batch", f"must be >= 1, got {self.lr_reference_batch}")
         _check(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _check(self.mixed_precision in MIXED_PRECISIONS, "train.mixed_precision",
@@ -120,6 +178,17 @@ class TrainConfig:
         """The learning rate for `global_batch` images per optimizer step, by lr_scaling."""
         ratio = global_batch / self.lr_reference_batch
         return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_scaling]
+
+    def lr_at(self, step: int, total_steps: int, peak_lr: float) -> float:
+        """The learning rate of optimizer step `step` (0-based) of `total_steps`: a pure
+        function of the step, so a resumed run needs no scheduler state."""
+        if step < self.warmup_steps:
+            return peak_lr * (step + 1) / (self.warmup_steps + 1)
+        if self.lr_schedule == "constant":
+            return peak_lr
+        decay_steps = max(total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -150,11 +219,20 @@ class EvalConfig:
     """evaluate after every N-th epoch; the end of training is always evaluated"""
     num_sample_images: int = 10
     """digits shown in each samples PNG (the first test image of each class, then the next ones)"""
+    min_output_std: float = 1e-3
+    """stop the run as collapsed when the denoised test images vary less than this across
+    images (pixel std, averaged over pixels): the model ignores its input; 0 = never"""
+    collapse_check_from_step: int = 500
+    """apply min_output_std only to evaluations from this optimizer step on: an untrained
+    model's output is near-constant too (the reference's std is ~1e-4 at step 2, ~4e-3 at 100)"""
 
     def __post_init__(self) -> None:
         _check(self.per_device_batch_size >= 1, "eval.per_device_batch_size",
                f"must be >= 1, got {self.per_device_batch_size}")
         _check(self.every_n_epochs >= 1, "eval.every_n_epochs", f"must be >= 1, got {self.every_n_epochs}")
+        _check(self.min_output_std >= 0, "eval.min_output_std", f"must be >= 0 (0 = off), got {self.min_output_std}")
+        _check(self.collapse_check_from_step >= 0, "eval.collapse_check_from_step",
+               f"must be >= 0, got {self.collapse_check_from_step}")
         _check(1 <= self.num_sample_images <= 64, "eval.num_sample_images",
                f"must be in [1, 64], got {self.num_sample_images}")
 

@@ -83,6 +83,8 @@ def check_perf(perf: PerfConfig, train: TrainConfig, accelerator: Accelerator) -
         problems.append("train.gradient_accumulation_steps=1")
     if accelerator.mixed_precision == "fp16":
         problems.append("no fp16 (its loss scaler decides on the host; use bf16)")
+    if train.lr_schedule != "constant" or train.warmup_steps > 0:
+        problems.append("train.lr_schedule=constant and train.warmup_steps=0 (the captured step keeps its learning rate)")
     if problems:
         raise LaunchError(f"perf.cuda_graphs=true needs {'; '.join(problems)}: set perf.cuda_graphs=false or fix that")
 

@@ -32,6 +32,10 @@ class NonFiniteLossError(UserError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+class CollapsedError(UserError):
+    """Training collapsed: the model's output no longer depends on its input."""
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How many micro- and optimizer steps the run has. An epoch's last accumulation
@@ -72,9 +76,10 @@ def sample_indices(split: Split, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, factor: float, seed: int, path: Path) -> None:
+def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: noise.NoiseSpec, seed: int,
+                 path: Path) -> None:
     """A PNG with one column per digit and rows noisy / denoised / clean."""
-    clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), factor, seed)
+    clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), spec, seed)
     out = model(noisy).float()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.cat([noisy, out, clean]), str(path), nrow=len(indices), padding=2, pad_value=0.5)
@@ -102,9 +107,16 @@ class Trainer:
                                 accelerator.process_index, tc.seed)
         self.schedule = Schedule(self.order.steps_per_epoch, tc.gradient_accumulation_steps, tc.epochs, tc.max_steps)
         self.global_batch = tc.per_device_batch_size * accelerator.num_processes  # images per micro-step
+        self.peak_lr = tc.effective_lr(self.global_batch * tc.gradient_accumulation_steps)
+        self.scheduled_lr = tc.lr_schedule != "constant" or tc.warmup_steps > 0
         self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
+        train_noise = cfg.noise.train_spec()
+
+        def add_noise(clean: torch.Tensor, indices: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+            return noise.keyed_add_noise(clean, indices, train_noise, key)
+
         # perf.compile also fuses the noise hash (~75 small integer and float kernels eager) into one.
-        self.add_noise = torch.compile(noise.keyed_add_noise) if cfg.perf.compile else noise.keyed_add_noise
+        self.add_noise = torch.compile(add_noise) if cfg.perf.compile else add_noise
         self._settle_gradient_buckets()
         self.captured: CapturedStep | None = None
         if cfg.perf.cuda_graphs:  # distributed.check_perf allowed it: one process, no accumulation
@@ -132,7 +144,7 @@ class Trainer:
     def _micro_step(self, indices: torch.Tensor, key: torch.Tensor, micro_step: int) -> torch.Tensor:
         """Forward and backward of one micro-batch; `key` is the epoch's noise stream."""
         clean = self.train_split.batch(indices)
-        noisy = self.add_noise(clean, indices, self.cfg.noise.factor, key)
+        noisy = self.add_noise(clean, indices, key)
         boundary = self.schedule.is_boundary(micro_step)
         # We pick the sync step ourselves instead of `accelerator.accumulate`: that one keys the
         # end of an epoch off a prepared DataLoader, which this job does not use (it would
@@ -146,6 +158,14 @@ class Trainer:
             # (accelerator.backward divides by its own accumulation steps, 1 here.)
             self.accelerator.backward(loss / self.schedule.window_len(micro_step))
         return loss.detach()
+
+    def _maybe_set_lr(self) -> None:
+        """The scheduled learning rate of the coming optimizer step (a function of the step)."""
+        if not self.scheduled_lr:
+            return
+        lr = self.cfg.train.lr_at(self.state.step, self.schedule.total_steps, self.peak_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _optimizer_step(self) -> None:
         if self.cfg.train.max_grad_norm > 0:
@@ -181,6 +201,7 @@ class Trainer:
                 else:
                     window.add_loss(self._micro_step(epoch_indices[m], key, m))
                     if boundary:
+                        self._maybe_set_lr()
                         self._optimizer_step()
                 s.micro_step += 1
                 if not boundary:
@@ -214,7 +235,8 @@ class Trainer:
                 f"training loss became {loss} by step {self.state.step}: lower train.lr, set train.max_grad_norm "
                 f"(e.g. 1.0), or use bf16 instead of fp16; the last good checkpoint is kept"
             )
-        record = {"step": self.state.step, "epoch": self.state.epoch, "train/loss": loss}
+        record = {"step": self.state.step, "epoch": self.state.epoch, "train/loss": loss,
+                  "train/lr": float(self.optimizer.param_groups[0]["lr"])}
         if images_per_s is not None:
             record["train/images_per_s"] = images_per_s
         record["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -228,7 +250,7 @@ class Trainer:
     def _evaluate(self, epoch: float) -> None:
         model = self.accelerator.unwrap_model(self.model)  # no DDP hooks needed without gradients
         ev, ec = self.cfg.eval, self.cfg.noise
-        result = metrics.evaluate(model, self.test_split, self.accelerator, ec.factor, ec.eval_seed,
+        result = metrics.evaluate(model, self.test_split, self.accelerator, ec.eval_spec(), ec.eval_seed,
                                   ev.per_device_batch_size)
         record = {"step": self.state.step, "epoch": round(epoch, 4), **result}
         self.tracker.log(record)
@@ -239,8 +261,27 @@ class Trainer:
         )
         if self.accelerator.is_main_process:
             path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
-            save_samples(model, self.test_split, self.sample_indices, ec.factor, ec.eval_seed, path)
+            save_samples(model, self.test_split, self.sample_indices, ec.eval_spec(), ec.eval_seed, path)
             self.tracker.log_image("eval/samples", path, self.state.step)
+        self._maybe_stop_collapsed(result)
+
+    def _maybe_stop_collapsed(self, result: dict[str, float]) -> None:
+        """Stop, before this state is checkpointed, if the outputs no longer depend on the inputs.
+
+        Every rank holds the same gathered result, so all stop together. A collapsed model
+        (e.g. all-black outputs: a dead ReLU layer or a saturated sigmoid) does not recover
+        by training on; the checkpoints saved before it are kept.
+        """
+        threshold = self.cfg.eval.min_output_std
+        if result["eval/output_std"] >= threshold or self.state.step < self.cfg.eval.collapse_check_from_step:
+            return
+        self.tracker.finish()
+        raise CollapsedError(
+            f"training collapsed by step {self.state.step}: the denoised test images no longer depend on the input "
+            f"(output std {result['eval/output_std']:.2e} across images < eval.min_output_std {threshold:g}; "
+            f"test MSE {result['eval/mse']:.4f}): lower train.lr or add train.warmup_steps and start again in a new "
+            f"output_dir; the checkpoints before the collapse are kept"
+        )
 
     def _checkpoint(self, window: "_ThroughputWindow", eval_epoch: float | None = None) -> None:
         """Log the open window, maybe evaluate, save. Logging first also means a diverged model

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     torch.backends.cudnn.deterministic = not cfg.perf.cudnn_benchmark
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
-    model = build_model(cfg.model.name)
+    model = build_model(cfg.model.name, **cfg.model.settings())
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
     if cfg.perf.compile:
@@ -122,12 +122,17 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
 
     compat = {
         "model.name": cfg.model.name,
+        **({"model.settings": cfg.model.settings()} if cfg.model.settings() else {}),  # they set the weights' shapes
         "global_micro_batch": cfg.train.per_device_batch_size * accelerator.num_processes,
         "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "train.seed": cfg.train.seed,
         "data.train_samples": cfg.data.train_samples,
         "mixed_precision": accelerator.mixed_precision,
     }
+    tc = cfg.train
+    if tc.lr_schedule != "constant" or tc.warmup_steps:  # the learning rate of each step depends on these
+        compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
+                       "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
     state = checkpoint.TrainerState(compat=compat)
     if resume_from is not None:
         state = checkpoint.load(accelerator, resume_from, compat)
@@ -146,7 +151,9 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
     n_params = sum(p.numel() for p in model.parameters())
     tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {output_dir}")
-    tracker.info(f"global batch {global_batch} images per optimizer step, lr {lr:g} (train.lr_scaling={cfg.train.lr_scaling}); "
+    tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}")
+    tracker.info(f"global batch {global_batch} images per optimizer step, lr {lr:g} (train.lr_scaling={cfg.train.lr_scaling}, "
+                 f"train.lr_schedule={cfg.train.lr_schedule}, {cfg.train.warmup_steps} warm-up steps); "
                  f"perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")

@@ -49,28 +49,32 @@ def psnr_db(mse: float) -> float:
     return 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")
 
 
-def eval_noisy(split: Split, indices: torch.Tensor, factor: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_noisy(split: Split, indices: torch.Tensor, spec: noise.NoiseSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(clean, noisy) test images for `indices`, with the fixed evaluation noise."""
     clean = split.batch(indices)
-    return clean, noise.add_noise(clean, indices, factor, seed, noise.EVAL_EPOCH)
+    return clean, noise.add_noise(clean, indices, spec, seed, noise.EVAL_EPOCH)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, factor: float, seed: int,
+def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, spec: noise.NoiseSpec, seed: int,
              per_device_batch_size: int) -> dict[str, float]:
     """Score the whole test split, sharded over ranks; every rank returns the same dict.
 
-    Runs on every rank (it holds a collective). The model runs in the autocast that
-    accelerate set up for it; scores are computed in fp32.
+    Runs on every rank (it holds collectives). The model runs in the autocast that
+    accelerate set up for it; scores are computed in fp32. `eval/output_std` is the std of
+    each output pixel across the test images, averaged over pixels: near 0 when the model
+    gives the same image whatever its input (a collapsed run).
     """
     was_training = model.training
     model.eval()
     device = accelerator.device
     shard = eval_shard(len(split), accelerator.num_processes, accelerator.process_index).to(device)
     scores = []  # per image: [index, denoised mse, noisy mse, ssim]
+    moments = torch.zeros(2, *split.images.shape[1:], dtype=torch.float64, device=device)  # sum, sum of squares
     for chunk in shard.split(per_device_batch_size):
-        clean, noisy = eval_noisy(split, chunk, factor, seed)
+        clean, noisy = eval_noisy(split, chunk, spec, seed)
         out = model(noisy).float()
+        moments += torch.stack([out.sum(0), out.pow(2).sum(0)]).double()
         scores.append(torch.stack([
             chunk.to(torch.float64),
             (out - clean).pow(2).flatten(1).mean(1).double(),
@@ -87,11 +91,14 @@ def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, factor: f
     every = every[every[:, 0].argsort()]
     assert len(every) == len(split), "evaluation must score each test image exactly once"
     mse, noisy_mse, ssim = (every[:, i].mean().item() for i in (1, 2, 3))
+    mean, mean_sq = accelerator.reduce(moments, reduction="sum") / len(split)
+    output_std = (mean_sq - mean**2).clamp_(min=0).sqrt().mean().item()
     model.train(was_training)
     return {
         "eval/mse": mse,
         "eval/psnr_db": psnr_db(mse),
         "eval/ssim": ssim,
         "eval/noisy_psnr_db": psnr_db(noisy_mse),
+        "eval/output_std": output_std,
         "eval/images": len(every),
     }

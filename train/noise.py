@@ -1,15 +1,17 @@
-"""Gaussian pixel noise that is a pure function of (seed, epoch, sample index).
+"""Pixel noise (Gaussian or salt-and-pepper) that is a pure function of (seed, epoch, sample index).
 
 A stateful generator would give a sample different noise depending on which process drew
 it, in which batch, after how many draws. Instead each pixel's noise comes from a
 counter-based hash of (seed, epoch, sample index, pixel), computed with integer tensor ops
 on the device that trains the batch: identical for 1 or 64 processes, any batch size, and
-after a resume, with nothing to checkpoint.
+after a resume, with nothing to checkpoint. A per-sample noise level comes from the same
+hash of (seed, epoch, sample index).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -56,29 +58,78 @@ def gaussian(indices: torch.Tensor, shape: tuple[int, ...], seed: int, epoch: in
     return keyed_gaussian(indices, shape, stream_key(seed, epoch))
 
 
-def keyed_gaussian(indices: torch.Tensor, shape: tuple[int, ...], key: int | torch.Tensor) -> torch.Tensor:
-    """`gaussian` for the stream `key` = stream_key(seed, epoch): an int, or an int32 scalar
-    tensor on the device (so a captured CUDA graph can change epochs without re-capture)."""
-    numel = math.prod(shape)
-    # Counter of each value: 2 per pixel (two uniforms), numel pixels per sample; for MNIST
+def _uniforms(counter: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
+    """A uniform in (0, 1) per int32 counter value, for the stream `key`."""
+    bits = _mix32(_mix32(counter ^ key) + key)
+    # 24 high bits -> uniform in (0, 1), excluding 0 so a log of it is finite.
+    return (((bits >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _pixel_uniforms(indices: torch.Tensor, numel: int, key: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent uniforms per pixel, shape (len(indices), numel) each."""
+    # Counter of each value: 2 per pixel, numel pixels per sample; for MNIST
     # (60,000 x 784 x 2) it stays below 2**27, well inside int32 (index < 2**30 / (2 numel)).
     pixel = torch.arange(numel, device=indices.device, dtype=torch.int32)
     counter = (indices.to(torch.int32)[:, None] * numel + pixel[None, :]) * 2
-    bits1 = _mix32(_mix32(counter ^ key) + key)
-    bits2 = _mix32(_mix32((counter + 1) ^ key) + key)
-    # 24 high bits -> uniform in (0, 1), excluding 0 so the log is finite.
-    u1 = (((bits1 >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    u2 = (((bits2 >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return _uniforms(counter, key), _uniforms(counter + 1, key)
+
+
+def keyed_gaussian(indices: torch.Tensor, shape: tuple[int, ...], key: int | torch.Tensor) -> torch.Tensor:
+    """`gaussian` for the stream `key` = stream_key(seed, epoch): an int, or an int32 scalar
+    tensor on the device (so a captured CUDA graph can change epochs without re-capture)."""
+    u1, u2 = _pixel_uniforms(indices, math.prod(shape), key)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)  # Box-Muller
     return z.view(len(indices), *shape)
 
 
-def add_noise(clean: torch.Tensor, indices: torch.Tensor, factor: float, seed: int, epoch: int) -> torch.Tensor:
-    """The reference corruption: clean + factor * N(0, 1), clipped back to [0, 1]."""
-    return keyed_add_noise(clean, indices, factor, stream_key(seed, epoch))
+_LEVEL_SALT = _signed32(0x9E3779B9)  # separates the per-sample level stream from the pixels'
 
 
-def keyed_add_noise(clean: torch.Tensor, indices: torch.Tensor, factor: float, key: int | torch.Tensor) -> torch.Tensor:
-    """`add_noise` for the stream `key` (see keyed_gaussian)."""
-    z = keyed_gaussian(indices, tuple(clean.shape[1:]), key)
-    return (clean + factor * z).clamp_(0.0, 1.0)
+def sample_levels(indices: torch.Tensor, key: int | torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Each sample's noise level, uniform in [low, high], float32 of shape (len(indices),)."""
+    level_key = _mix32(torch.as_tensor(key, dtype=torch.int32, device=indices.device) ^ _LEVEL_SALT)
+    return low + (high - low) * _uniforms(indices.to(torch.int32), level_key)
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """How clean digits are corrupted: `kind`, at a level per sample uniform in [low, high]
+    (one fixed level when low == high). The level is the Gaussian std in pixel units, or
+    the fraction of salt-and-pepper pixels."""
+
+    kind: str = "gaussian"
+    low: float = 0.5
+    high: float = 0.5
+
+    def describe(self) -> str:
+        level = f"{self.low:g}" if self.low == self.high else f"{self.low:g}-{self.high:g} per sample"
+        return f"{self.kind} {level}"
+
+
+def add_noise(clean: torch.Tensor, indices: torch.Tensor, spec: NoiseSpec | float, seed: int, epoch: int) -> torch.Tensor:
+    """Corrupt `clean` (N, C, H, W) in [0, 1] by `spec` (a float: the reference Gaussian
+    level), with the noise of (seed, epoch, indices)."""
+    return keyed_add_noise(clean, indices, spec, stream_key(seed, epoch))
+
+
+def keyed_add_noise(clean: torch.Tensor, indices: torch.Tensor, spec: NoiseSpec | float,
+                    key: int | torch.Tensor) -> torch.Tensor:
+    """`add_noise` for the stream `key` (see keyed_gaussian).
+
+    gaussian: clean + level x N(0, 1), clipped back to [0, 1] (the reference corruption).
+    salt_pepper: each pixel, with probability level, becomes 0 or 1 (half each).
+    """
+    if not isinstance(spec, NoiseSpec):
+        spec = NoiseSpec("gaussian", float(spec), float(spec))
+    if spec.low == spec.high:
+        level: float | torch.Tensor = spec.low
+    else:
+        level = sample_levels(indices, key, spec.low, spec.high).view(-1, *([1] * (clean.dim() - 1)))
+    if spec.kind == "gaussian":
+        z = keyed_gaussian(indices, tuple(clean.shape[1:]), key)
+        return (clean + level * z).clamp_(0.0, 1.0)
+    if spec.kind == "salt_pepper":
+        u1, u2 = _pixel_uniforms(indices, math.prod(clean.shape[1:]), key)
+        hit, salt = u1.view_as(clean) < level, (u2.view_as(clean) < 0.5).to(clean.dtype)
+        return torch.where(hit, salt, clean)
+    raise ValueError(f"unknown noise kind {spec.kind!r}")

@@ -59,7 +59,7 @@ def main() -> None:
         model.load_state_dict(load_file(weights))
         model = accelerator.prepare(model)
         record["eval"] = metrics.evaluate(accelerator.unwrap_model(model), test_split, accelerator,
-                                          cfg.noise.factor, cfg.noise.eval_seed, cfg.eval.per_device_batch_size)
+                                          cfg.noise.eval_spec(), cfg.noise.eval_seed, cfg.eval.per_device_batch_size)
     else:
         optimizer = build_optimizer(model, cfg.train.lr)
         model, optimizer = accelerator.prepare(model, optimizer)
