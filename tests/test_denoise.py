@@ -1,0 +1,155 @@
+"""`python -m train.denoise`: a trained run's model applied to PNG files and .npy arrays."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO, run_main
+from train.denoise import SIDE, load_trained, main
+
+
+@pytest.fixture(scope="module")
+def run_dir(mnist_root, tmp_path_factory) -> Path:
+    """A small U-Net trained for one epoch of 400 digits: enough to denoise visibly."""
+    out = tmp_path_factory.mktemp("denoise") / "run"
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={mnist_root}", f"output_dir={out}",
+                  "data.train_samples=400", "data.test_samples=20", "train.epochs=1", "train.lr=0.003",
+                  "model.name=unet", "model.unet.channels=8", "model.unet.levels=2", "logging.wandb_mode=disabled"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_root) -> np.ndarray:
+    """Eight MNIST test digits, (8, 28, 28) uint8, white on black."""
+    from torchvision.datasets import MNIST
+
+    return MNIST(str(mnist_root), train=False).data[:8].numpy()
+
+
+def _model_output(run_dir: Path, images: np.ndarray) -> np.ndarray:
+    model, _ = load_trained(run_dir)
+    with torch.no_grad():
+        return model(torch.from_numpy(images.astype(np.float32) / 255).view(-1, 1, SIDE, SIDE)).numpy()
+
+
+def test_png_in_png_out_any_size_and_polarity(run_dir, digits, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(digits[0]).save(inputs / "mnist.png")
+    # A dark digit on light paper, 2x as large and not square: inverted, padded, shrunk.
+    big = np.kron(255 - digits[1], np.ones((2, 2), dtype=np.uint8))
+    Image.fromarray(np.pad(big, ((0, 0), (8, 8)), constant_values=255)).convert("RGB").save(inputs / "paper.png")
+    assert main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "out"), str(inputs)]) == 0
+    with Image.open(tmp_path / "out" / "mnist.png") as im:
+        assert im.size == (SIDE, SIDE) and im.mode == "L"
+        got = np.asarray(im, dtype=np.float32) / 255
+    # The same digit through the model directly: equal up to the PNG's 8-bit rounding.
+    assert np.abs(got - _model_output(run_dir, digits[:1])[0, 0]).max() <= 0.5 / 255 + 1e-6
+    with Image.open(tmp_path / "out" / "paper.png") as im:
+        paper = np.asarray(im, dtype=np.float32) / 255
+    assert im.size == (SIDE, SIDE)
+    assert paper[0].mean() > 0.8 and paper.min() < 0.3  # written back dark on light, digit still there
+
+
+def test_npy_batch_keeps_its_shape_and_matches_the_model(run_dir, digits, tmp_path):
+    np.save(tmp_path / "batch.npy", digits)  # (8, 28, 28) uint8
+    np.save(tmp_path / "one.npy", digits[0].astype(np.float64) / 255)  # (28, 28) float
+    assert main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "out"),
+                 str(tmp_path / "batch.npy"), str(tmp_path / "one.npy")]) == 0
+    batch = np.load(tmp_path / "out" / "batch.npy")
+    assert batch.shape == (8, 28, 28) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch, _model_output(run_dir, digits)[:, 0], atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "one.npy"), batch[0], atol=1e-5)
+
+
+def test_noise_factor_corrupts_first_and_the_model_cleans_it(run_dir, digits, tmp_path):
+    np.save(tmp_path / "clean.npy", digits)
+    args = ["--checkpoint", str(run_dir / "checkpoints" / "step_00000020"), "--noise-factor", "0.5",
+            str(tmp_path / "clean.npy")]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    noisy, out = np.load(tmp_path / "a" / "clean_noisy.npy"), np.load(tmp_path / "a" / "clean.npy")
+    assert np.array_equal(noisy, np.load(tmp_path / "b" / "clean_noisy.npy"))  # seeded: repeatable
+    clean = digits.astype(np.float32) / 255
+    assert ((out - clean) ** 2).mean() < 0.75 * ((noisy - clean) ** 2).mean()  # 20 steps of training: 0.57 measured
+
+
+BAD_INPUTS = [
+    ("missing", ["{tmp}/nope.png"], ["{tmp}/nope.png does not exist"]),
+    ("not an image", ["{tmp}/text.png"], ["text.png is not an image", "PNG"]),
+    ("wrong shape", ["{tmp}/wide.npy"], ["shape (3, 28, 30)", "(N, 28, 28)"]),
+    ("out of range", ["{tmp}/big.npy"], ["outside [0, 1]", "uint8"]),
+    ("same stem twice", ["{tmp}/d/a.npy", "{tmp}/e/a.npy"], ["would both be written", "--out"]),
+]
+
+
+@pytest.mark.parametrize("name,inputs,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys, name, inputs, words):
+    (tmp_path / "text.png").write_text("not a PNG")
+    np.save(tmp_path / "wide.npy", np.zeros((3, 28, 30), dtype=np.uint8))
+    np.save(tmp_path / "big.npy", np.full((2, 28, 28), 3.0))
+    for sub in ("d", "e"):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / "a.npy", np.zeros((28, 28), dtype=np.uint8))
+    code = main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "out")] + [i.format(tmp=tmp_path) for i in inputs])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    for w in words:
+        assert w.format(tmp=tmp_path) in err, (w, err)
+    assert not (tmp_path / "out").exists()  # nothing written for a failed call
+
+
+def test_checkpoint_problems_are_one_line_errors(run_dir, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((28, 28), dtype=np.uint8))
+    cases = []
+    cases.append((tmp_path / "empty", ["has no model.safetensors", "output_dir"]))
+    (tmp_path / "empty").mkdir()
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["model"]["name"] = "transformer9000"
+    (unknown / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cases.append((unknown, ["holds a 'transformer9000' model", "known: conv_denoiser, unet"]))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes()[:100])
+    (damaged / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    cases.append((damaged, ["could not be loaded into model unet", "damaged"]))
+    for path, words in cases:
+        assert main(["--checkpoint", str(path), str(tmp_path / "x.npy"), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        for w in words:
+            assert w in err, (w, err)
+
+
+def test_the_cli_runs_as_a_module_with_one_line_errors(run_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "train.denoise", "--checkpoint", str(run_dir)]
+    r = subprocess.run(cmd + ["--noise-factor", "lots", "x.png"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--noise-factor" in r.stderr
+    if not torch.cuda.is_available():
+        r = subprocess.run(cmd + ["--device", "cuda", "x.png"], cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and "no CUDA GPU here" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_gives_the_cpu_result(run_dir, digits, tmp_path):
+    np.save(tmp_path / "b.npy", digits)
+    for device in ("cpu", "cuda"):
+        assert main(["--checkpoint", str(run_dir), "--device", device, "--out", str(tmp_path / device),
+                     str(tmp_path / "b.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "cuda" / "b.npy"), np.load(tmp_path / "cpu" / "b.npy"), atol=1e-4)

@@ -1,0 +1,266 @@
+"""Denoise digits with a trained model.
+
+    python -m train.denoise --checkpoint outputs/unet noisy/*.png           # -> denoised/*.png
+    python -m train.denoise --checkpoint outputs/unet batch.npy --out out/  # -> out/batch.npy
+    python -m train.denoise --checkpoint outputs/unet --noise-factor 0.5 clean_digits/  # demo
+
+`--checkpoint` is a finished run's output_dir (model.safetensors + config.yaml) or one of its
+checkpoints/step_* folders; the model and its settings come from the saved config.yaml, so
+no training YAML is needed. Inputs are image files (anything Pillow reads), folders of them,
+or .npy arrays.
+
+Images are made to look like MNIST: converted to grayscale; inverted when the background is
+light (the median of the border pixels is above one half), since MNIST digits are light on
+dark; padded to a square with the background; resized to 28x28 (area averaging). The output
+is the denoised 28x28 digit, inverted back to the input's polarity. A .npy array holds
+(28, 28), (N, 28, 28) or (N, 1, 28, 28) images, uint8 in [0, 255] or float in [0, 1]; the
+output .npy has the same shape, float32 in [0, 1].
+
+`--noise-factor F` corrupts the inputs first with the checkpoint's noise kind (or
+`--noise-kind`) at level F and also writes the noisy versions (`*_noisy.*`): a way to see
+the model work on clean digits. Exit status 0 done, 2 a mistake to fix (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.errors import UserError, brief
+
+SIDE = 28  # pixels: MNIST digits
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+class DenoiseError(UserError):
+    """An input or checkpoint the denoiser cannot use."""
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
+    """The model of a run folder (or one of its checkpoints/step_* folders) and the run's
+    config, in eval mode on `device`."""
+    from train.config import ConfigError, load_config
+    from train.model import MODELS, build_model
+
+    path = Path(path)
+    weights = path / WEIGHTS
+    run_dir = path if (path / CONFIG).is_file() else path.parent.parent  # checkpoints/step_N -> run folder
+    if not weights.is_file() or not (run_dir / CONFIG).is_file():
+        missing = WEIGHTS if not weights.is_file() else f"{CONFIG} (looked in {run_dir})"
+        raise DenoiseError(f"checkpoint {path} has no {missing}: give a finished run's output_dir "
+                           f"or one of its checkpoints/step_* folders")
+    try:
+        cfg = load_config(run_dir / CONFIG)
+    except ConfigError as e:
+        import yaml
+
+        name = ((yaml.safe_load((run_dir / CONFIG).read_text()) or {}).get("model") or {}).get("name")
+        if name is not None and name not in MODELS:
+            raise DenoiseError(f"checkpoint {path} holds a '{name}' model, which this version cannot build "
+                               f"(known: {', '.join(MODELS)}): use the version of mnist-denoise that trained it") from e
+        raise DenoiseError(f"checkpoint {path} has a config this version cannot read ({e}): use the version "
+                           f"of mnist-denoise that trained it") from e
+    from safetensors.torch import load_file
+
+    model = build_model(cfg.model.name, **cfg.model.settings())
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # safetensors and load_state_dict raise several types
+        raise DenoiseError(f"checkpoint {weights} could not be loaded into model {cfg.model.name} ({brief(e)}): "
+                           f"it is damaged or from another run; retrain or pick another checkpoint") from e
+    return model.to(device).eval(), cfg
+
+
+# -- inputs ---------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One input file: its images (N, 1, 28, 28) float32 in [0, 1] as the model sees them, and
+    how to write the result back."""
+
+    source: Path
+    images: torch.Tensor
+    kind: str  # "image" or "npy"
+    inverted: bool = False
+    npy_shape: tuple[int, ...] = ()
+
+
+def _read_image(path: Path) -> Item:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DenoiseError(f"input {path} is not an image Pillow can read ({brief(e)}): "
+                           f"give PNG (or other image) files or .npy arrays") from e
+    x = torch.from_numpy(gray)
+    border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
+    inverted = bool(border.median() > 0.5)  # dark digit on light paper: MNIST is the other way round
+    if inverted:
+        x = 1.0 - x
+    h, w = x.shape
+    if (h, w) != (SIDE, SIDE):
+        side = max(h, w)  # pad to a square with the (now dark) background, centred, then shrink
+        top, left = (side - h) // 2, (side - w) // 2
+        x = F.pad(x, (left, side - w - left, top, side - h - top))
+        x = F.interpolate(x[None, None], size=(SIDE, SIDE), mode="area")[0, 0]
+    return Item(path, x.clamp(0, 1).view(1, 1, SIDE, SIDE), "image", inverted)
+
+
+def _read_npy(path: Path) -> Item:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DenoiseError(f"input {path} is not a readable .npy array ({brief(e)}): save it with numpy.save") from e
+    shape = tuple(a.shape)
+    if shape[-2:] != (SIDE, SIDE) or len(shape) not in (2, 3, 4) or (len(shape) == 4 and shape[1] != 1):
+        raise DenoiseError(f"input {path} has shape {shape}: give (28, 28), (N, 28, 28) or (N, 1, 28, 28) images")
+    if a.dtype == np.uint8:
+        x = torch.from_numpy(a.astype(np.float32) / 255.0)
+    elif np.issubdtype(a.dtype, np.floating):
+        x = torch.from_numpy(a.astype(np.float32))
+        if x.numel() and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+            raise DenoiseError(f"input {path} holds floats outside [0, 1] (or NaN): scale them to [0, 1] or give uint8")
+    else:
+        raise DenoiseError(f"input {path} has dtype {a.dtype}: give uint8 (0-255) or float (0-1) images")
+    return Item(path, x.reshape(-1, 1, SIDE, SIDE), "npy", npy_shape=shape)
+
+
+def read_inputs(paths: list[str]) -> list[Item]:
+    """Every input, in order; a folder stands for the files directly in it (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DenoiseError(f"input {p} does not exist: give image files, .npy files or folders of them")
+    if not files:
+        raise DenoiseError(f"no input files in {', '.join(paths)}: give image files, .npy files or folders of them")
+    return [_read_npy(f) if f.suffix.lower() == ".npy" else _read_image(f) for f in files]
+
+
+# -- outputs --------------------------------------------------------------------------------
+def _write(item: Item, images: torch.Tensor, path: Path) -> None:
+    if item.kind == "npy":
+        np.save(path.with_suffix(".npy"), images.reshape(item.npy_shape).numpy())
+        return
+    from PIL import Image
+
+    x = 1.0 - images[0, 0] if item.inverted else images[0, 0]
+    Image.fromarray((x * 255.0).round().to(torch.uint8).numpy(), mode="L").save(path.with_suffix(".png"))
+
+
+def _out_stems(items: list[Item], out_dir: Path) -> list[Path]:
+    stems = [out_dir / item.source.stem for item in items]
+    seen: dict[Path, Path] = {}
+    for stem, item in zip(stems, items):
+        if stem in seen:
+            raise DenoiseError(f"inputs {seen[stem]} and {item.source} would both be written to {stem}.*: "
+                               f"rename one, or denoise them in two runs with different --out")
+        seen[stem] = item.source
+    return stems
+
+
+@torch.no_grad()
+def denoise(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    """The model's output for (N, 1, 28, 28) images in [0, 1], in batches, back on the CPU."""
+    outs = [model(chunk.to(device)).float().clamp_(0, 1).cpu() for chunk in images.split(batch_size)]
+    return torch.cat(outs) if outs else images.clone()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DenoiseError(f"--device {name} asked for, but there is no CUDA GPU here: use --device cpu (or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise DenoiseError(f"--device {name} is not a device ({brief(e)}): use auto, cpu or cuda") from e
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise DenoiseError(f"{message}: usage is python -m train.denoise --checkpoint OUTPUT_DIR "
+                           f"[--noise-factor F] [--out DIR] inputs...")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _ArgumentParser(prog="python -m train.denoise", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run's output_dir or a checkpoints/step_* folder")
+    parser.add_argument("inputs", nargs="+", help="image files, .npy files, or folders of them")
+    parser.add_argument("--out", default="denoised", help="folder for the results (default: denoised)")
+    parser.add_argument("--noise-factor", type=float, help="corrupt the inputs at this level first (a demo)")
+    parser.add_argument("--noise-kind", choices=("gaussian", "salt_pepper"),
+                        help="noise for --noise-factor (default: the one the model was trained on)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --noise-factor noise")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors too")
+    args = parser.parse_args(argv)
+    if args.noise_factor is not None and not args.noise_factor >= 0:
+        raise DenoiseError(f"--noise-factor must be >= 0, got {args.noise_factor}")
+    if args.batch_size < 1:
+        raise DenoiseError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    from train import noise
+
+    t0 = time.perf_counter()
+    device = _device(args.device)
+    model, cfg = load_trained(args.checkpoint, device)
+    items = read_inputs(args.inputs)
+    out_dir = Path(args.out)
+    stems = _out_stems(items, out_dir)
+    images = torch.cat([item.images for item in items])
+    if args.noise_factor is not None:
+        kind = args.noise_kind or cfg.noise.kind
+        if kind == "salt_pepper" and args.noise_factor > 1:
+            raise DenoiseError(f"--noise-factor {args.noise_factor} is a fraction of pixels for salt_pepper: give <= 1")
+        spec = noise.NoiseSpec(kind, args.noise_factor, args.noise_factor)
+        images = noise.add_noise(images, torch.arange(len(images)), spec, args.seed, noise.EVAL_EPOCH)
+    clean = denoise(model, images, device, args.batch_size)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = 0
+        for item, stem in zip(items, stems):
+            n = len(item.images)
+            _write(item, clean[start:start + n], stem)
+            if args.noise_factor is not None:
+                _write(item, images[start:start + n], stem.with_name(stem.name + "_noisy"))
+            start += n
+    except OSError as e:
+        raise DenoiseError(f"cannot write to {out_dir} ({e.strerror}): choose a writable --out folder") from e
+    print(f"denoised {len(images)} images from {len(items)} files with {cfg.model.name} on {device} "
+          f"in {time.perf_counter() - t0:.1f} s: {out_dir}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("DENOISE_DEBUG") == "1"
+    try:
+        return run(parse_args(argv))
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
