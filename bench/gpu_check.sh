@@ -4,7 +4,9 @@
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full tests tuning quality check.
+# STEPs (default: all, in this order): speed full tests tuning quality check results.
+# `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
+# (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
 # MNIST_GZ=folder-with-MNIST/raw/*.gz unpacks a gzipped copy first (what travels to the
 # project's device machine; see docs/performance.md).
 set -uo pipefail
@@ -44,12 +46,24 @@ want() { [[ -z "$STEPS" || " $STEPS " == *" $1 "* ]]; }
 want speed && bench speed 230 speed,scaling,floor
 want full && bench full 150 full \
     --full "perf.cuda_graphs=true perf.channels_last=false" --full "perf.cuda_graphs=true perf.channels_last=false perf.compile=true"
-want tests && step gpu_tests 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py
+want tests && step gpu_tests 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py
 want tuning && bench tuning 120 tuning,floor --batch 16384
 want quality && bench quality 70 quality --reference-ttq estimate
 if want check; then
     step gpu_check 90 python bench/gpu_check.py --data-root "$MNIST_ROOT" --out "$WORK/gpu_check"
     cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
     cat "$WORK/gpu_check/gpu_check.md" >>"$LOG" 2>/dev/null
+fi
+if want results; then
+    results() {  # results NAME SECONDS [--set OVERRIDES...]
+        local name=$1 limit=$2
+        shift 2
+        step "results_$name" "$limit" python bench/results.py --work "$OUT/runs" --data-root "$MNIST_ROOT" train "$name" "$@"
+    }
+    # The reference recipe as written (60,000 steps of batch 20), each step one CUDA graph.
+    results reference_recipe 150 --set perf.cuda_graphs=true perf.channels_last=false
+    results unet_levels 240  # ~7 ms per eager step (deterministic cuDNN at batch 32): ~2.5 minutes
+    results unet_salt_pepper 240
+    rm -rf "$OUT"/runs/*/checkpoints  # the report needs model.safetensors, config and metrics only
 fi
 echo "done $(date +%T)" | tee -a "$LOG"
