@@ -70,4 +70,4 @@ def test_output_std_tells_a_collapsed_model_from_a_working_one(tmp_path):
     clean = test.images.float() / 255
     noisy = noise.add_noise(clean, torch.arange(40), 0.5, 9, noise.EVAL_EPOCH)
     expected = (noisy * 0.5).std(0, unbiased=False).mean().item()  # per-pixel std across images
-    assert working["eval/output_std"] == pytest.approx(expected, rel=1e-6)
+    assert working["eval/output_std"] == pytest.approx(expected, rel=1e-4)  # fixed point: 1/2**16 of a pixel

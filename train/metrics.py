@@ -21,6 +21,7 @@ _SSIM_WINDOW = 11  # pixels; Gaussian window of Wang et al. (2004)
 _SSIM_SIGMA = 1.5  # pixels
 _SSIM_C1 = 0.01**2  # (K1 * data range)^2, data range 1
 _SSIM_C2 = 0.03**2  # (K2 * data range)^2
+_FIXED_ONE = 2**16  # fixed-point scale of the output moments (see evaluate)
 
 
 def _gaussian_window(device: torch.device) -> torch.Tensor:
@@ -70,11 +71,15 @@ def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, spec: noi
     device = accelerator.device
     shard = eval_shard(len(split), accelerator.num_processes, accelerator.process_index).to(device)
     scores = []  # per image: [index, denoised mse, noisy mse, ssim]
-    moments = torch.zeros(2, *split.images.shape[1:], dtype=torch.float64, device=device)  # sum, sum of squares
+    # Per-pixel sum and sum of squares of the outputs, in fixed point (1/2**16 of a pixel):
+    # integer sums do not depend on their order, so output_std is exactly the same for any
+    # number of processes, like the other metrics. 60,000 x (2**16)**2 fits int64 easily.
+    moments = torch.zeros(2, *split.images.shape[1:], dtype=torch.int64, device=device)
     for chunk in shard.split(per_device_batch_size):
         clean, noisy = eval_noisy(split, chunk, spec, seed)
         out = model(noisy).float()
-        moments += torch.stack([out.sum(0), out.pow(2).sum(0)]).double()
+        fixed = (out.clamp(0, 1) * _FIXED_ONE).round().to(torch.int64)
+        moments += torch.stack([fixed.sum(0), fixed.pow(2).sum(0)])
         scores.append(torch.stack([
             chunk.to(torch.float64),
             (out - clean).pow(2).flatten(1).mean(1).double(),
@@ -91,8 +96,8 @@ def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, spec: noi
     every = every[every[:, 0].argsort()]
     assert len(every) == len(split), "evaluation must score each test image exactly once"
     mse, noisy_mse, ssim = (every[:, i].mean().item() for i in (1, 2, 3))
-    mean, mean_sq = accelerator.reduce(moments, reduction="sum") / len(split)
-    output_std = (mean_sq - mean**2).clamp_(min=0).sqrt().mean().item()
+    mean, mean_sq = accelerator.reduce(moments, reduction="sum").double() / len(split)
+    output_std = ((mean_sq - mean**2).clamp_(min=0).sqrt() / _FIXED_ONE).mean().item()
     model.train(was_training)
     return {
         "eval/mse": mse,
