@@ -100,6 +100,7 @@ def test_noise_specs_for_training_and_evaluation():
     (["noise.train_factor_min=0.6", "noise.train_factor_max=0.4"], ["noise.train_factor_min", "<="]),
     (["model.unet.levels=4"], ["model.unet.levels", "1, 2 or 3"]),
     (["model.unet.channels=0"], ["model.unet.channels", ">= 1"]),
+    (["model.unet.top_channels=-2"], ["model.unet.top_channels", ">= 0"]),
     (["train.lr_schedule=linear"], ["train.lr_schedule", "cosine"]),
     (["train.warmup_steps=-1"], ["train.warmup_steps", ">= 0"]),
     (["eval.min_output_std=-1"], ["eval.min_output_std", ">= 0"]),

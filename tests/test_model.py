@@ -46,6 +46,10 @@ def test_unet_shapes_range_and_settings():
         assert out.shape == (3, 1, 28, 28) and (out >= 0).all() and (out <= 1).all()
     widths = [block[0].out_channels for block in build_model("unet", channels=8, levels=3).encoder]
     assert widths == [8, 16, 32]  # doubling at each coarser level
+    narrow_top = build_model("unet", channels=8, levels=3, top_channels=4)
+    assert [block[0].out_channels for block in narrow_top.encoder] == [4, 16, 32]  # only 28x28 changes
+    assert narrow_top.upsample[0].out_channels == 4 and narrow_top.decoder[0][0].in_channels == 8
+    assert narrow_top(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
 
 
 def test_untrained_unet_is_the_identity_and_trains_through_the_clip():

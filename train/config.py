@@ -95,9 +95,12 @@ class UNetConfig:
     """feature maps at 28x28; each coarser level has twice as many"""
     levels: int = 3
     """resolutions: 1 (28 only), 2 (28, 14) or 3 (28, 14, 7)"""
+    top_channels: int = 0
+    """feature maps at 28x28 instead of `channels` (0: `channels`); the costliest level"""
 
     def __post_init__(self) -> None:
         _check(self.channels >= 1, "model.unet.channels", f"must be >= 1, got {self.channels}")
+        _check(self.top_channels >= 0, "model.unet.top_channels", f"must be >= 0 (0: channels), got {self.top_channels}")
         _check(1 <= self.levels <= 3, "model.unet.levels", f"must be 1, 2 or 3, got {self.levels}")
 
 
