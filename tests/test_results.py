@@ -32,7 +32,8 @@ def test_results_script_trains_scores_and_writes_the_page(mnist_root, tmp_path):
     work, docs = tmp_path / "work", tmp_path / "docs"
     common = ["--work", str(work), "--data-root", str(mnist_root)]
     assert results.main(common + ["train", "unet", "reference_best", "--set", "data.train_samples=200",
-                                  "data.test_samples=50", "train.epochs=2", "model.unet.channels=4"]) == 0
+                                  "data.test_samples=50", "train.epochs=2", "model.unet.channels=4",
+                                  "model.unet.top_channels=4"]) == 0
     timing = json.loads((work / "unet" / "timing.json").read_text())
     assert timing["wall_s"] > 0 and timing["attempts"][0]["exit_code"] == 0 and "vCPUs" in timing["attempts"][0]["machine"]
     assert results.main(common + ["report", "--docs", str(docs), "--test-samples", "50",
