@@ -216,7 +216,8 @@ def test_unet_with_salt_and_pepper_per_sample_levels_trains(mnist_root, tmp_path
     # A resume with other model settings is refused: the weights would not fit.
     line = _error_line(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=3",
                                          "model.name=unet", "model.unet.channels=4", "model.unet.levels=2"]))
-    assert "model.settings: saved {'channels': 8, 'levels': 2}, now {'channels': 4, 'levels': 2}" in line
+    assert ("model.settings: saved {'channels': 8, 'levels': 2, 'top_channels': 0}, "
+            "now {'channels': 4, 'levels': 2, 'top_channels': 0}") in line
 
 
 def test_cosine_schedule_resumes_exactly_after_a_crash(mnist_root, tmp_path):
