@@ -107,11 +107,11 @@ def _noise_name(kind: str, level: float) -> str:
 
 
 def _recipe(cfg) -> str:
+    from train.model import unet_widths
+
     t, n = cfg.train, cfg.noise
     trained_on = (f"{n.kind} {n.train_factor_min:g}-{n.train_factor_max:g} per sample" if n.train_factor_max > 0
                   else f"{n.kind} {n.factor:g}")
-    from train.model import unet_widths
-
     model = cfg.model.name
     if cfg.model.name == "unet":
         model += " " + "/".join(map(str, unet_widths(**cfg.model.settings()))) + " channels"

@@ -92,7 +92,7 @@ class NoiseConfig:
 @dataclass
 class UNetConfig:
     channels: int = 32
-    """feature maps at 28x28; each coarser level has twice as many"""
+    """feature maps at 28x28 (unless top_channels is set); each coarser level has twice as many"""
     levels: int = 3
     """resolutions: 1 (28 only), 2 (28, 14) or 3 (28, 14, 7)"""
     top_channels: int = 0
