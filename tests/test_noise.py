@@ -29,6 +29,19 @@ def test_seed_and_epoch_change_the_noise():
     assert (base[1:] - base[:-1]).abs().mean() > 0.5
 
 
+def test_noise_values_are_pinned():
+    """The exact values a training run of the published results saw (noise of 2026-11-26):
+    a rewrite of the hash for speed must not change them, or those runs no longer repeat."""
+    z = noise.gaussian(torch.tensor([0, 7, 59999]), (1, 28, 28), seed=0, epoch=3).flatten()
+    expected = [0.9132785797119141, 0.8696309924125671, 0.3288939893245697, 1.501509666442871,
+                1.7962861061096191, 1.8123070001602173, -0.001870261156000197]
+    assert z[[0, 1, 400, 783, 784, 2000, 2351]].tolist() == expected
+    assert float(z.double().sum()) == 39.82986123638693
+    salted = noise.keyed_add_noise(torch.full((3, 1, 28, 28), 0.5), torch.tensor([0, 7, 59999]),
+                                   noise.NoiseSpec("salt_pepper", 0.2, 0.2), noise.stream_key(0, 3))
+    assert float(salted.double().sum()) == 1178.0
+
+
 def test_distribution_is_standard_normal():
     z = noise.gaussian(torch.arange(4000), (1, 28, 28), 7, 0).flatten().double()  # 3.1 M values
     assert abs(z.mean()) < 0.003 and abs(z.std() - 1) < 0.003
