@@ -102,6 +102,7 @@ def test_noise_specs_for_training_and_evaluation():
     (["model.unet.channels=0"], ["model.unet.channels", ">= 1"]),
     (["model.unet.top_channels=-2"], ["model.unet.top_channels", ">= 0"]),
     (["train.lr_schedule=linear"], ["train.lr_schedule", "cosine"]),
+    (["perf.compile_mode=max-autotune"], ["perf.compile_mode", "max-autotune-no-cudagraphs"]),
     (["train.warmup_steps=-1"], ["train.warmup_steps", ">= 0"]),
     (["eval.min_output_std=-1"], ["eval.min_output_std", ">= 0"]),
 ])

@@ -124,6 +124,9 @@ class ModelConfig:
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 LR_SCALINGS = ("none", "sqrt", "linear")
 LR_SCHEDULES = ("constant", "cosine")
+# torch.compile modes the job can use; the ones with "cudagraphs" would capture graphs of their
+# own, which perf.cuda_graphs does for the whole step instead.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -206,12 +209,19 @@ class PerfConfig:
     compile: bool = False
     """torch.compile the model and the training noise (inductor); the first steps pay the
     compile time (GPU: ~15 s); slower on the CPUs measured"""
+    compile_mode: str = "default"
+    """with compile: 'default', or 'max-autotune-no-cudagraphs' (times Triton kernels against
+    cuDNN's for each convolution and matmul: minutes more of compiling)"""
     cudnn_benchmark: bool = False
     """let cuDNN time its kernels and keep the fastest (GPU). Off, cuDNN uses deterministic
     kernels only, so a GPU run repeats bit for bit and resumes exactly; on, it does not"""
     cuda_graphs: bool = False
     """replay each optimizer step as one captured CUDA graph (one process on one GPU; no
     fp16, no gradient accumulation): removes the per-kernel launch cost that dominates small batches"""
+
+    def __post_init__(self) -> None:
+        _check(self.compile_mode in COMPILE_MODES, "perf.compile_mode",
+               f"must be one of {COMPILE_MODES}, got '{self.compile_mode}'")
 
 
 @dataclass

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
     if cfg.perf.compile:
-        model.compile()  # in place: parameter names and checkpoints stay those of the eager model
+        model.compile(mode=cfg.perf.compile_mode)  # in place: parameter names and checkpoints stay those of the eager model
     global_batch = cfg.train.per_device_batch_size * accelerator.num_processes * cfg.train.gradient_accumulation_steps
     lr = cfg.train.effective_lr(global_batch)
     setup.update(global_batch=global_batch, lr=lr)
