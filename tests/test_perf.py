@@ -16,7 +16,8 @@ from conftest import load_weights, read_metrics, run_main
 from train import noise
 from train.config import ConfigError, load_config
 from train.cuda_graph import CapturedStep
-from train.loop import build_optimizer
+from train.data import EpochOrder, Split
+from train.loop import batch_maker, build_optimizer, epoch_batches
 from train.model import ConvDenoiser
 
 SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
@@ -46,27 +47,45 @@ def test_noise_key_as_device_tensor_matches_the_int_key():
     assert torch.equal(as_tensor, noise.gaussian(idx, (1, 28, 28), 3, 7))
 
 
+@pytest.mark.parametrize("spec", [noise.NoiseSpec(), noise.NoiseSpec("gaussian", 0.2, 0.8),
+                                  noise.NoiseSpec("salt_pepper", 0.1, 0.5)], ids=["fixed", "levels", "salt_pepper"])
+def test_an_epochs_batches_made_at_once_equal_the_per_step_ones(spec):
+    """Under perf.cuda_graphs the epoch's batches are made in one pass: bit for bit the same
+    images and noise as making them step by step (the eager path)."""
+    images = torch.randint(0, 256, (3000, 1, 28, 28), dtype=torch.uint8)
+    make = batch_maker(Split(images, torch.zeros(3000, dtype=torch.int64)), spec)
+    order = EpochOrder(3000, 20, 1, 0, seed=5)
+    epoch_indices = order.epoch_indices(2, torch.device("cpu"))
+    key = torch.tensor(noise.stream_key(5, 2), dtype=torch.int32)
+    clean_all, noisy_all = epoch_batches(make, epoch_indices, key)
+    assert clean_all.shape == noisy_all.shape == (order.steps_per_epoch, 20, 1, 28, 28)
+    for m in range(order.steps_per_epoch):
+        clean, noisy = make(epoch_indices[m], key)
+        assert torch.equal(clean_all[m], clean) and torch.equal(noisy_all[m], noisy), m
+
+
 def _trained(steps: int, captured: bool) -> tuple[list[torch.Tensor], dict]:
     torch.manual_seed(0)
     model = ConvDenoiser()
     opt = build_optimizer(model, 1e-3)
     images = torch.rand(64, 1, 28, 28)
 
-    def step(indices, key):
-        clean = images[indices]
-        loss = F.mse_loss(model(noise.keyed_add_noise(clean, indices, 0.5, key)), clean)
+    def step(clean, noisy):
+        loss = F.mse_loss(model(noisy), clean)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    runner = CapturedStep(step, 8, torch.device("cpu"), model, opt) if captured else None
+    runner = CapturedStep(step, torch.rand(8, 1, 28, 28), model, opt) if captured else None
     for i in range(steps):
-        indices, key = torch.arange(8) + 8 * (i % 8), torch.tensor(noise.stream_key(0, i // 8), dtype=torch.int32)
+        indices = torch.arange(8) + 8 * (i % 8)
+        clean = images[indices]
+        noisy = noise.add_noise(clean, indices, 0.5, seed=0, epoch=i // 8)
         if runner:
-            runner.replay(indices, key)
+            runner.replay(clean, noisy)
         else:
-            step(indices, key)
+            step(clean, noisy)
     return [p.detach().clone() for p in model.parameters()], opt.state_dict()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ def test_single_process_run_writes_every_output(mnist_root, tmp_path):
     out = tmp_path / "run"
     r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=2"]))
     assert r.stdout.count("setup: distributed_type=NO, world_size=1") == 1
+    # Where the loop's time went: two evaluations and two checkpoints, one per epoch.
+    split = re.search(r"time: training ([\d.]+) s, evaluation ([\d.]+) s \(2 runs\), checkpoints ([\d.]+) s "
+                      r"\(2 saved\)", r.stdout)
+    assert split and float(split[1]) > 0 and float(split[2]) > 0, r.stdout
 
     cfg = load_config(out / "config.yaml")  # the resolved config reloads as a config
     assert cfg.output_dir == str(out) and cfg.data.train_samples == 400 and cfg.train.epochs == 2

@@ -1,10 +1,11 @@
 """One optimizer step captured as a CUDA graph and replayed, for small batches on one GPU.
 
-At the reference batch of 20 a step is ~130 kernels of a few microseconds each: launching
+At the reference batch of 20 a step is ~100 kernels of a few microseconds each: launching
 them from Python costs more than running them. A captured graph launches all of them at
-once. What changes between steps lives in static tensors the graph reads: the batch's
-sample indices and the noise stream's key (see noise.keyed_gaussian). Everything else the
-step touches (MNIST on the device, weights, gradients, optimizer state) keeps its address.
+once. The graph holds the model's forward and backward passes and the optimizer step; what
+changes between steps, the batch (clean and noisy images), is copied into static tensors the
+graph reads. Everything else the step touches (weights, gradients, optimizer state) keeps
+its address.
 
 Capture needs a few eager warm-up steps first (optimizer state, cuDNN workspaces, autograd's
 buffers). They would train the model, so the weights, buffers and optimizer state are
@@ -19,25 +20,25 @@ from typing import Callable
 import torch
 from torch import nn
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (indices, key) -> detached loss
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (clean, noisy) -> detached loss
 
 WARMUP_STEPS = 3  # eager steps before capture; torch's examples use 3 (DDP needs 11, not used here)
 
 
 class CapturedStep:
-    """`step_fn(indices, key)` (forward, backward, optimizer step) as a replayable CUDA graph.
+    """`step_fn(clean, noisy)` (forward, backward, optimizer step) as a replayable CUDA graph,
+    for batches shaped like `batch` (whose values only serve the warm-up steps).
 
     On a CPU there is nothing to capture: the same warm-up and restore run, and `replay`
     calls `step_fn` eagerly on the static tensors. The tests use that to check the
     bookkeeping; only a GPU shows the capture itself.
     """
 
-    def __init__(self, step_fn: StepFn, batch_size: int, device: torch.device, model: nn.Module,
+    def __init__(self, step_fn: StepFn, batch: torch.Tensor, model: nn.Module,
                  optimizer: torch.optim.Optimizer) -> None:
         self.step_fn = step_fn
-        self.indices = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.key = torch.zeros((), dtype=torch.int32, device=device)
-        self._key_source: torch.Tensor | None = None  # the caller's key tensor last copied in
+        self.clean, self.noisy = batch.clone(), batch.clone()
+        device = batch.device
         saved = _snapshot(model, optimizer)
         self.graph: torch.cuda.CUDAGraph | None = None
         if device.type == "cuda":
@@ -45,26 +46,23 @@ class CapturedStep:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
-                    step_fn(self.indices, self.key)
+                    step_fn(self.clean, self.noisy)
             torch.cuda.current_stream(device).wait_stream(side)
             optimizer.zero_grad(set_to_none=True)  # the captured backward allocates its own gradients
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.loss = step_fn(self.indices, self.key)
+                self.loss = step_fn(self.clean, self.noisy)
         else:
             for _ in range(WARMUP_STEPS):
-                step_fn(self.indices, self.key)
+                step_fn(self.clean, self.noisy)
         _restore(model, optimizer, saved)
 
-    def replay(self, indices: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """Run one step on `indices` with noise stream `key` (int32 scalar tensor); returns
-        the step's loss, on the device."""
-        self.indices.copy_(indices, non_blocking=True)
-        if key is not self._key_source:  # a new tensor once per epoch: no copy on the other steps
-            self.key.copy_(key, non_blocking=True)
-            self._key_source = key
+    def replay(self, clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        """Run one step on this batch (tensors on the device); returns the step's loss, on the device."""
+        self.clean.copy_(clean, non_blocking=True)
+        self.noisy.copy_(noisy, non_blocking=True)
         if self.graph is None:
-            return self.step_fn(self.indices, self.key)
+            return self.step_fn(self.clean, self.noisy)
         self.graph.replay()
         return self.loss
 

@@ -11,6 +11,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,27 @@ def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: no
     save_image(torch.cat([noisy, out, clean]), str(path), nrow=len(indices), padding=2, pad_value=0.5)
 
 
+BatchMaker = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def batch_maker(split: Split, spec: noise.NoiseSpec) -> BatchMaker:
+    """`make(indices, key)`: the (clean, noisy) training batch of `split`'s samples `indices`
+    in the noise stream `key` (an int32 device tensor: see noise.keyed_gaussian)."""
+
+    def make(indices: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clean = split.batch(indices)
+        return clean, noise.keyed_add_noise(clean, indices, spec, key)
+
+    return make
+
+
+def epoch_batches(make: BatchMaker, epoch_indices: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (clean, noisy) micro-batch of an epoch at once, shaped (steps, batch, C, H, W):
+    the same values `make` gives step by step, in one pass of ~45 kernels instead of one per
+    step (376 MB for MNIST's 60,000 images, milliseconds on a GPU)."""
+    return tuple(t.view(*epoch_indices.shape, *t.shape[1:]) for t in make(epoch_indices.flatten(), key))
+
+
 def build_optimizer(model: nn.Module, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam with the fused kernel: one kernel for all parameters on the CPU or a GPU, instead
     of a Python loop or a dozen multi-tensor kernels per step. `capturable` keeps its step
@@ -110,19 +132,19 @@ class Trainer:
         self.peak_lr = tc.effective_lr(self.global_batch * tc.gradient_accumulation_steps)
         self.scheduled_lr = tc.lr_schedule != "constant" or tc.warmup_steps > 0
         self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
-        train_noise = cfg.noise.train_spec()
-
-        def add_noise(clean: torch.Tensor, indices: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-            return noise.keyed_add_noise(clean, indices, train_noise, key)
-
-        # perf.compile also fuses the noise hash (~75 small integer and float kernels eager) into one.
-        self.add_noise = torch.compile(add_noise) if cfg.perf.compile else add_noise
+        make_batch = batch_maker(train_split, cfg.noise.train_spec())
+        # perf.compile also fuses the gather, the conversion and the noise hash (~45 small
+        # integer and float kernels eager) into one.
+        self.make_batch = torch.compile(make_batch) if cfg.perf.compile else make_batch
         self._settle_gradient_buckets()
+        self.seconds = {"evaluation": 0.0, "checkpoints": 0.0}  # wall time of this process, by activity
+        self.counts = {"evaluation": 0, "checkpoints": 0}
         self.captured: CapturedStep | None = None
         if cfg.perf.cuda_graphs:  # distributed.check_perf allowed it: one process, no accumulation
             t0 = time.perf_counter()
-            self.captured = CapturedStep(self._graph_step, tc.per_device_batch_size, accelerator.device,
-                                         model, optimizer)
+            shape = (tc.per_device_batch_size, *train_split.images.shape[1:])
+            self.captured = CapturedStep(self._graph_step, torch.rand(shape, device=accelerator.device), model,
+                                         optimizer)
             tracker.info(f"captured one optimizer step as a CUDA graph in {time.perf_counter() - t0:.1f} s")
 
     def _settle_gradient_buckets(self) -> None:
@@ -141,10 +163,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- one micro-step ------------------------------------------------------------------
-    def _micro_step(self, indices: torch.Tensor, key: torch.Tensor, micro_step: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; `key` is the epoch's noise stream."""
-        clean = self.train_split.batch(indices)
-        noisy = self.add_noise(clean, indices, key)
+    def _micro_step(self, clean: torch.Tensor, noisy: torch.Tensor, micro_step: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch of clean targets and noisy inputs."""
         boundary = self.schedule.is_boundary(micro_step)
         # We pick the sync step ourselves instead of `accelerator.accumulate`: that one keys the
         # end of an epoch off a prepared DataLoader, which this job does not use (it would
@@ -173,9 +193,9 @@ class Trainer:
         self.optimizer.step()  # under fp16, the scaler skips steps with inf/NaN gradients
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _graph_step(self, indices: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def _graph_step(self, clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         """A whole optimizer step (accumulation is 1 here): what CapturedStep records."""
-        loss = self._micro_step(indices, key, 0)
+        loss = self._micro_step(clean, noisy, 0)
         self._optimizer_step()
         return loss
 
@@ -188,18 +208,21 @@ class Trainer:
             return
         self.tracker.progress(total=total, initial=s.step)
         window = _ThroughputWindow(self.accelerator, self.global_batch)
+        started = time.perf_counter()
         while s.step < total and s.epoch < sched.epochs:
             epoch_indices = self.order.epoch_indices(s.epoch, self.accelerator.device)
             # The epoch's noise stream as a device tensor: one value for eager, compiled and graphed steps.
             key = torch.tensor(noise.stream_key(cfg.train.seed, s.epoch), dtype=torch.int32,
                                device=self.accelerator.device)
+            if self.captured is not None:  # the graph holds only the model's and optimizer's kernels
+                clean_all, noisy_all = epoch_batches(self.make_batch, epoch_indices, key)
             while s.micro_step < sched.micro_steps_per_epoch and s.step < total:
                 m = s.micro_step
                 boundary = sched.is_boundary(m)
                 if self.captured is not None:  # forward, backward and optimizer step in one graph
-                    window.add_loss(self.captured.replay(epoch_indices[m], key))
+                    window.add_loss(self.captured.replay(clean_all[m], noisy_all[m]))
                 else:
-                    window.add_loss(self._micro_step(epoch_indices[m], key, m))
+                    window.add_loss(self._micro_step(*self.make_batch(epoch_indices[m], key), m))
                     if boundary:
                         self._maybe_set_lr()
                         self._optimizer_step()
@@ -227,6 +250,12 @@ class Trainer:
         if s.micro_step != 0:  # stopped mid-epoch by max_steps: the end is always evaluated
             self._checkpoint(window, eval_epoch=s.epoch + s.micro_step / sched.micro_steps_per_epoch)
         self.tracker.finish()
+        training = time.perf_counter() - started - sum(self.seconds.values())
+        self.tracker.info(
+            f"time: training {training:.1f} s, evaluation {self.seconds['evaluation']:.1f} s "
+            f"({self.counts['evaluation']} runs), checkpoints {self.seconds['checkpoints']:.1f} s "
+            f"({self.counts['checkpoints']} saved)"
+        )
 
     def _log_train(self, window: "_ThroughputWindow") -> None:
         loss, images_per_s = window.read()  # syncs the device: only on logging steps
@@ -248,6 +277,16 @@ class Trainer:
         self.tracker.advance(0, loss=f"{loss:.4f}")
 
     def _evaluate(self, epoch: float) -> None:
+        # Evaluation's forward passes keep cuDNN's heuristic kernels even under
+        # perf.cudnn_benchmark: timing every algorithm for its own batch shapes costs ~1.5 s on
+        # an H100, more than all of a run's evaluations take.
+        benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        try:
+            self._score(epoch)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+
+    def _score(self, epoch: float) -> None:
         model = self.accelerator.unwrap_model(self.model)  # no DDP hooks needed without gradients
         ev, ec = self.cfg.eval, self.cfg.noise
         result = metrics.evaluate(model, self.test_split, self.accelerator, ec.eval_spec(), ec.eval_seed,
@@ -289,9 +328,19 @@ class Trainer:
         if window.pending_steps:
             self._log_train(window)
         if eval_epoch is not None:
-            self._evaluate(eval_epoch)
-        checkpoint.save(self.accelerator, self.output_dir, self.state, self.cfg.checkpoint.keep_last)
+            with self._timed("evaluation"):
+                self._evaluate(eval_epoch)
+        with self._timed("checkpoints"):
+            checkpoint.save(self.accelerator, self.output_dir, self.state, self.cfg.checkpoint.keep_last)
         window.restart()
+
+    @contextlib.contextmanager
+    def _timed(self, activity: str):
+        """Add the block's wall time to `activity` (the block ends in a device sync: .item(), a save)."""
+        t0 = time.perf_counter()
+        yield
+        self.seconds[activity] += time.perf_counter() - t0
+        self.counts[activity] += 1
 
 
 class _ThroughputWindow:
