@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmark, for one GPU machine: about 10 minutes for all steps on an H100
-# (`speed tests` alone: about 4.5); most important first,
+# The GPU checks and benchmark, for one GPU machine: about 13 minutes for all steps on an H100
+# (`full profile20 tests` alone: about 5.5); most important first,
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full tests tuning quality check results.
+# STEPs (default: all, in this order): speed full profile20 tests tuning profile_large quality check
+# results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
 # MNIST_GZ=folder-with-MNIST/raw/*.gz unpacks a gzipped copy first (what travels to the
@@ -44,10 +45,24 @@ python -c "import torch, accelerate; print('torch', torch.__version__, 'accelera
 STEPS="$*"
 want() { [[ -z "$STEPS" || " $STEPS " == *" $1 "* ]]; }
 want speed && bench speed 230 speed,scaling,floor
-want full && bench full 150 full \
-    --full "perf.cuda_graphs=true perf.channels_last=false" --full "perf.cuda_graphs=true perf.channels_last=false perf.compile=true"
-want tests && step gpu_tests 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py
-want tuning && bench tuning 120 tuning,floor --batch 16384
+GRAPHS="perf.cuda_graphs=true perf.channels_last=false"
+want full && bench full 200 full \
+    --full "$GRAPHS" --full "$GRAPHS perf.cudnn_benchmark=true" --full "perf.cuda_graphs=true perf.cudnn_benchmark=true"
+profile() {  # profile NAME SECONDS STEPS OVERRIDES...: the kernels of a step (bench/profile_step.py)
+    local name=$1 limit=$2 steps=$3
+    shift 3
+    step "profile_$name" "$limit" python bench/profile_step.py --data "$MNIST_ROOT" --steps "$steps" \
+        --out "$OUT/profile_$name.json" "$@"
+}
+if want profile20; then
+    profile b20_eager 60 300 perf.channels_last=false
+    profile b20_graphs 90 300 $GRAPHS perf.cudnn_benchmark=true
+fi
+want tests && step gpu_tests 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py
+BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true"
+want tuning && bench tuning 240 tuning,floor --batch 16384 \
+    --tuning "$BEST" --tuning "$BEST perf.compile_mode=max-autotune-no-cudagraphs"
+want profile_large && profile b16384 100 40 train.per_device_batch_size=16384 $BEST
 want quality && bench quality 70 quality --reference-ttq estimate
 if want check; then
     step gpu_check 90 python bench/gpu_check.py --data-root "$MNIST_ROOT" --out "$WORK/gpu_check"

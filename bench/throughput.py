@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -192,12 +193,15 @@ def full_run(args, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(args.device), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    started, capture_s = None, None
+    started, capture_s, split = None, None, {}
     for line in proc.stdout:
         if started is None and "perf:" in line:
             started = time.perf_counter()
         if "as a CUDA graph in" in line:  # warm-up steps (and compilation, if on) plus the capture
             capture_s = float(line.rsplit(" in ", 1)[1].split()[0])
+        if "time: training" in line:  # the job's own split of its loop's wall time
+            split = {f"{name}_s": float(seconds) for name, seconds in
+                     re.findall(r"(training|evaluation|checkpoints) ([\d.]+) s", line)}
     proc.wait()
     end = time.perf_counter()
     row = {"row": "default config, 20 epochs", "settings": " ".join(overrides) or "defaults"}
@@ -208,7 +212,7 @@ def full_run(args, overrides: list[str]) -> dict:
              if "train/images_per_s" in x]
     return {**row, "wall_s": round(end - t0, 1), "after_startup_s": round(end - started, 1),
             "steps": evals[-1]["step"], "evaluations": len(evals), "psnr_db": round(evals[-1]["eval/psnr_db"], 2),
-            "train_images_per_s": round(statistics.median(rates)), "capture_s": capture_s}
+            "train_images_per_s": round(statistics.median(rates)), "capture_s": capture_s, **split}
 
 
 def floor(device_name: str, best_row: dict) -> dict:
@@ -274,8 +278,9 @@ def render(report: dict) -> str:
                  table(report["quality"], ["row", "settings", "seconds", "epoch", "psnr_db", "vs_reference", "error"]), ""]
     if "full" in report:
         text += ["## the default config, whole", "",
-                 table(report["full"], ["row", "settings", "wall_s", "after_startup_s", "capture_s", "train_images_per_s", "steps",
-                                        "evaluations", "psnr_db", "error"]), ""]
+                 table(report["full"], ["row", "settings", "wall_s", "after_startup_s", "capture_s", "training_s",
+                                        "evaluation_s", "checkpoints_s", "train_images_per_s", "steps", "evaluations",
+                                        "psnr_db", "error"]), ""]
     if "floor" in report:
         text += ["## floor", "", "```", json.dumps(report["floor"], indent=1), "```"]
     return "\n".join(text)
@@ -294,6 +299,8 @@ def main() -> int:
     parser.add_argument("--ttq-processes", type=int, default=1,
                         help="processes for our time-to-quality run (CPU: 2 on a 2-core machine is fastest)")
     parser.add_argument("--batch", type=int, default=0, help="batch size of the tuning section")
+    parser.add_argument("--tuning", action="append", help="overrides of one tuning row (repeatable; later "
+                        "overrides win, so a row may set its own batch); default: the device's list of settings")
     parser.add_argument("--quick", action="store_true", help="a tenth of the steps (a smoke test of the script)")
     parser.add_argument("--out", default="bench/out/throughput.json")
     parser.add_argument("--work", default=None, help="scratch folder for the runs' outputs (default: a temp dir)")
@@ -385,9 +392,12 @@ def main() -> int:
     if "tuning" in sections:
         batch = args.batch or (best["batch"] if "scaling" in sections and measured else None)
         rows = report["tuning"] = []
-        for overrides in TUNING[args.device] if batch else []:
-            rows.append(_versus(ours(f"batch {batch}", args, [f"train.per_device_batch_size={batch}", *overrides],
-                                     large_steps(batch)), base_rate))
+        settings = [o.split() for o in args.tuning] if args.tuning else TUNING[args.device]
+        for overrides in settings if batch else []:
+            row_batch = next((int(o.split("=")[1]) for o in reversed(overrides)
+                              if o.startswith("train.per_device_batch_size=")), batch)
+            rows.append(_versus(ours(f"batch {row_batch}", args, [f"train.per_device_batch_size={row_batch}", *overrides],
+                                     large_steps(row_batch)), base_rate))
             print(rows[-1], flush=True)
             save()
 
