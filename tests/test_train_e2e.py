@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import REPO, accelerate_cpu, load_weights, make_tiny_mnist, read_metrics, run_main
+from train import checkpoint
 from train.config import load_config
 from train.model import ConvDenoiser
 
@@ -223,6 +224,23 @@ def test_unet_with_salt_and_pepper_per_sample_levels_trains(mnist_root, tmp_path
                                          "model.name=unet", "model.unet.channels=4", "model.unet.levels=2"]))
     assert ("model.settings: saved {'channels': 8, 'levels': 2, 'top_channels': 0}, "
             "now {'channels': 4, 'levels': 2, 'top_channels': 0}") in line
+    # A checkpoint saved before a setting existed (here: model.unet.top_channels) resumes while
+    # the setting keeps its default, and is refused once it does not.
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    state = json.loads((newest / "trainer_state.json").read_text())
+    del state["compat"]["model.settings"]["top_channels"]
+    (newest / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["trainer_state.json"] = checkpoint._file_digest(newest / "trainer_state.json")
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    unet8 = ["model.name=unet", "model.unet.channels=8", "model.unet.levels=2", "noise.kind=salt_pepper",
+             "noise.factor=0.3", "noise.train_factor_min=0.1", "noise.train_factor_max=0.5"]
+    line = _error_line(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=3", *unet8,
+                                         "model.unet.top_channels=4"]))
+    assert "model.settings: saved {'channels': 8, 'levels': 2}, now {'channels': 8, 'levels': 2, 'top_channels': 4}" in line
+    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=200", "train.epochs=3",
+                              "train.lr=0.003", *unet8, "eval.collapse_check_from_step=0"]))
+    assert "resuming from" in r.stdout and "step 60 epoch 3" in r.stdout
 
 
 def test_cosine_schedule_resumes_exactly_after_a_crash(mnist_root, tmp_path):

@@ -128,15 +128,27 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
     return final
 
 
-def load(accelerator: Accelerator, path: Path, compat: dict) -> TrainerState:
-    """Restore model, optimizer, scaler and RNG states from `path`; return our counters."""
+def _differs(saved: object, now: object, default: object) -> bool:
+    """Whether a compat value changed. In a mapping of settings (`default` gives their
+    defaults) a key missing on one side stands for its default: a setting added after a
+    checkpoint was saved leaves that checkpoint resumable as long as the setting keeps it."""
+    if isinstance(saved, dict) and isinstance(now, dict) and isinstance(default, dict):
+        return any(saved.get(k, default.get(k)) != now.get(k, default.get(k)) for k in saved.keys() | now.keys())
+    return saved != now
+
+
+def load(accelerator: Accelerator, path: Path, compat: dict, defaults: dict | None = None) -> TrainerState:
+    """Restore model, optimizer, scaler and RNG states from `path`; return our counters.
+    `defaults` holds, per compat key whose value is a mapping of settings, their defaults."""
     try:
         state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({brief(e)}): delete it to fall back to an older one, or start afresh in a new output_dir"
         ) from e
-    differing = sorted(k for k in compat.keys() | state.compat.keys() if compat.get(k) != state.compat.get(k))
+    defaults = defaults or {}
+    differing = sorted(k for k in compat.keys() | state.compat.keys()
+                       if _differs(state.compat.get(k), compat.get(k), defaults.get(k)))
     if differing:
         pairs = ", ".join(f"{k}: saved {state.compat.get(k)!r}, now {compat.get(k)!r}" for k in differing)
         raise CheckpointError(

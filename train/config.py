@@ -120,6 +120,11 @@ class ModelConfig:
         section = getattr(self, self.name, None)
         return dataclasses.asdict(section) if section is not None else {}
 
+    def default_settings(self) -> dict[str, Any]:
+        """The chosen model's settings at their defaults."""
+        section = getattr(self, self.name, None)
+        return dataclasses.asdict(type(section)()) if section is not None else {}
+
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 LR_SCALINGS = ("none", "sqrt", "linear")

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
                        "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
     state = checkpoint.TrainerState(compat=compat)
     if resume_from is not None:
-        state = checkpoint.load(accelerator, resume_from, compat)
+        state = checkpoint.load(accelerator, resume_from, compat, defaults={"model.settings": cfg.model.default_settings()})
     if accelerator.is_main_process:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
