@@ -113,7 +113,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
     if cfg.perf.compile:
-        model.compile(mode=cfg.perf.compile_mode)  # in place: parameter names and checkpoints stay those of the eager model
+        # In place: parameter names and checkpoints stay those of the eager model.
+        model.compile(mode=cfg.perf.compile_mode)
     global_batch = cfg.train.per_device_batch_size * accelerator.num_processes * cfg.train.gradient_accumulation_steps
     lr = cfg.train.effective_lr(global_batch)
     setup.update(global_batch=global_batch, lr=lr)
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
                        "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
     state = checkpoint.TrainerState(compat=compat)
     if resume_from is not None:
-        state = checkpoint.load(accelerator, resume_from, compat, defaults={"model.settings": cfg.model.default_settings()})
+        state = checkpoint.load(accelerator, resume_from, compat,
+                                defaults={"model.settings": cfg.model.default_settings()})
     if accelerator.is_main_process:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
