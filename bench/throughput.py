@@ -382,10 +382,13 @@ def main() -> int:
             report["speed"] = speed_rows
             save()
         if args.device == "cpu":
-            for processes in (1, 2):
-                overrides = [f"train.per_device_batch_size={128 // processes}", "perf.channels_last=true"]
-                rows.append({"batch": 128, **ours(f"{processes} process(es) x {128 // processes}, no", args, overrides,
-                                                  large_steps(128), processes=processes)})
+            # One process against two of one thread each, at the same global batch of 128,
+            # then two processes at smaller batches (small batches are no slower per image here).
+            for processes, per_device in ((1, 128), (2, 64), (2, 32), (2, 20)):
+                overrides = [f"train.per_device_batch_size={per_device}", "perf.channels_last=true"]
+                global_batch = processes * per_device
+                rows.append({"batch": global_batch, **ours(f"{processes} process(es) x {per_device}, no", args,
+                                                           overrides, large_steps(global_batch), processes=processes)})
                 print(rows[-1], flush=True)
                 save()
 
