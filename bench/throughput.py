@@ -249,6 +249,12 @@ def floor(device_name: str, best_row: dict) -> dict:
     return row
 
 
+def _batch_of(overrides: list[str], default: int) -> int:
+    """The per-device batch that `overrides` set (the last one wins, as in the config), else `default`."""
+    return next((int(o.split("=")[1]) for o in reversed(overrides) if o.startswith("train.per_device_batch_size=")),
+                default)
+
+
 def _versus(row: dict, base: float | None) -> dict:
     """`row` with its images/s as a multiple of the reference recipe's."""
     if base and "images_per_s" in row:
@@ -372,8 +378,7 @@ def main() -> int:
         if measured:
             best = dict(max(measured, key=lambda r: r["images_per_s"]))
             best_overrides = [] if best["settings"] == "defaults" else best["settings"].split()
-            best["batch"] = next((int(o.split("=")[1]) for o in best_overrides
-                                  if o.startswith("train.per_device_batch_size=")), 20)
+            best["batch"] = _batch_of(best_overrides, 20)
             best_row = {k: v for k, v in best.items() if k != "batch"}
             speed_rows.append(_versus({**best_row, "row": "ours, best setting (the fastest above)"}, base_rate))
             speed_rows.append(_versus(ours("ours, best setting + compile", args, best_overrides + ["perf.compile=true"],
@@ -397,8 +402,7 @@ def main() -> int:
         rows = report["tuning"] = []
         settings = [o.split() for o in args.tuning] if args.tuning else TUNING[args.device]
         for overrides in settings if batch else []:
-            row_batch = next((int(o.split("=")[1]) for o in reversed(overrides)
-                              if o.startswith("train.per_device_batch_size=")), batch)
+            row_batch = _batch_of(overrides, batch)
             rows.append(_versus(ours(f"batch {row_batch}", args, [f"train.per_device_batch_size={row_batch}", *overrides],
                                      large_steps(row_batch)), base_rate))
             print(rows[-1], flush=True)

@@ -212,7 +212,7 @@ class Trainer:
         started = time.perf_counter()
         while s.step < total and s.epoch < sched.epochs:
             epoch_indices = self.order.epoch_indices(s.epoch, self.accelerator.device)
-            # The epoch's noise stream as a device tensor: one value for eager, compiled and graphed steps.
+            # The epoch's noise stream as a device tensor: a compiled make_batch serves every epoch.
             key = torch.tensor(noise.stream_key(cfg.train.seed, s.epoch), dtype=torch.int32,
                                device=self.accelerator.device)
             if self.captured is not None:  # the graph holds only the model's and optimizer's kernels

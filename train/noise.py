@@ -80,7 +80,7 @@ def _pixel_uniforms(indices: torch.Tensor, numel: int, key: int | torch.Tensor) 
 
 def keyed_gaussian(indices: torch.Tensor, shape: tuple[int, ...], key: int | torch.Tensor) -> torch.Tensor:
     """`gaussian` for the stream `key` = stream_key(seed, epoch): an int, or an int32 scalar
-    tensor on the device (so a captured CUDA graph can change epochs without re-capture)."""
+    tensor on the device (so a compiled function serves every epoch without recompiling)."""
     u1, u2 = _pixel_uniforms(indices, math.prod(shape), key)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)  # Box-Muller
     return z.view(len(indices), *shape)
