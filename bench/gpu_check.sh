@@ -4,8 +4,8 @@
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full profile20 tests tuning profile_large quality check
-# results.
+# STEPs (default: all, in this order): speed full profile20 tests tuning profile_large profile_steady
+# quality check results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
 # MNIST_GZ=folder-with-MNIST/raw/*.gz unpacks a gzipped copy first (what travels to the
@@ -59,10 +59,16 @@ if want profile20; then
     profile b20_graphs 90 300 $GRAPHS perf.cudnn_benchmark=true
 fi
 want tests && step gpu_tests 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py
-BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true"
+BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true perf.pad_thin_convs=true"
 want tuning && bench tuning 240 tuning,floor --batch 16384 \
     --tuning "$BEST" --tuning "$BEST perf.compile_mode=max-autotune-no-cudagraphs"
 want profile_large && profile b16384 100 40 train.per_device_batch_size=16384 $BEST
+if want profile_steady; then  # steady-state steps only, each kernel named with the layer that launched it
+    LARGE="train.per_device_batch_size=16384 train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true"
+    profile steady_eager 80 6 --skip 8 $LARGE
+    profile steady_compiled 120 6 --skip 12 $LARGE perf.compile=true
+    profile steady_padded 120 6 --skip 12 $LARGE perf.compile=true perf.pad_thin_convs=true
+fi
 want quality && bench quality 70 quality --reference-ttq estimate
 if want check; then
     step gpu_check 90 python bench/gpu_check.py --data-root "$MNIST_ROOT" --out "$WORK/gpu_check"

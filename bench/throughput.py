@@ -67,6 +67,8 @@ TUNING = {
     "cuda": [["train.mixed_precision=bf16", "perf.channels_last=true"],
              ["train.mixed_precision=bf16", "perf.channels_last=true", "perf.cudnn_benchmark=true"],
              ["train.mixed_precision=bf16", "perf.channels_last=true", "perf.cudnn_benchmark=true", "perf.compile=true"],
+             ["train.mixed_precision=bf16", "perf.channels_last=true", "perf.cudnn_benchmark=true", "perf.compile=true",
+              "perf.pad_thin_convs=true"],
              ["train.mixed_precision=bf16", "perf.channels_last=false", "perf.cudnn_benchmark=true"],
              ["train.mixed_precision=no", "perf.channels_last=true", "perf.cudnn_benchmark=true"]],
 }

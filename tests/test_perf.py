@@ -6,6 +6,7 @@ steps that must leave no trace, static inputs) is checked here on the CPU too.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -18,7 +19,8 @@ from train.config import ConfigError, load_config
 from train.cuda_graph import CapturedStep
 from train.data import EpochOrder, Split
 from train.loop import batch_maker, build_optimizer, epoch_batches
-from train.model import ConvDenoiser
+from train.model import ConvDenoiser, UNet
+from train.thin_conv import PaddedConv2d, pad_thin_convs
 
 SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -138,7 +140,7 @@ def test_channels_last_and_compile_train_the_same_model(tiny_mnist, tmp_path):
     and the train log carries the memory figures."""
     base = SMALL + [f"data.root={tiny_mnist}", "data.train_samples=96"]
     runs = {"plain": ["perf.channels_last=false"], "channels_last": [],
-            "compiled": ["perf.compile=true"]}
+            "compiled": ["perf.compile=true"], "padded": ["perf.pad_thin_convs=true"]}
     for name, extra in runs.items():
         _ok(run_main(base + extra + [f"output_dir={tmp_path / name}"], timeout=600))
     ref = load_weights(tmp_path / "plain")
@@ -148,6 +150,42 @@ def test_channels_last_and_compile_train_the_same_model(tiny_mnist, tmp_path):
             assert torch.allclose(got[k], ref[k], atol=1e-5), (name, k, (got[k] - ref[k]).abs().max())
     record = next(m for m in read_metrics(tmp_path / "plain") if "train/loss" in m)
     assert 0.05 < record["memory/max_rss_gib"] < 64
+
+
+def _padded_against_plain(model: torch.nn.Module, device: str, channels_last: bool, precision: str):
+    """(output, parameter gradients) of one forward and backward pass of `model` and of its
+    copy with padded thin convs, on the same batch."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 28, 28, device=device)
+    results = []
+    for pad in (False, True):
+        m = copy.deepcopy(model).to(device)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        if pad:
+            assert pad_thin_convs(m, channels_last) == 2  # the first conv and the last
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = m(x)
+        ((y.float() - x) ** 2).mean().backward()
+        results.append((y.float(), [p.grad for p in m.parameters()], list(m.state_dict())))
+    return results
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("make", [ConvDenoiser, lambda: UNet(8, 2)], ids=["conv_denoiser", "unet"])
+def test_padded_thin_convs_compute_what_the_plain_ones_do(make, channels_last):
+    (y, grads, names), (y_pad, grads_pad, names_pad) = _padded_against_plain(make(), "cpu", channels_last, "no")
+    assert names_pad == names  # same parameters: checkpoints do not change
+    assert y_pad.shape == y.shape and torch.allclose(y_pad, y, atol=1e-6)
+    for g, g_pad in zip(grads, grads_pad, strict=True):
+        assert g_pad.shape == g.shape and torch.allclose(g_pad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_only_thin_plain_convs_are_padded():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.Conv2d(4, 4, 1, groups=4),
+                                torch.nn.ConvTranspose2d(4, 1, 2), torch.nn.Conv2d(4, 1, 1))
+    assert pad_thin_convs(model, channels_last=False) == 2
+    assert [type(m) is PaddedConv2d for m in model] == [True, False, False, False, True]
 
 
 # -- on a GPU ------------------------------------------------------------------------------
@@ -166,6 +204,37 @@ def test_cuda_graph_run_matches_the_eager_run(mnist_root, tmp_path, precision):
     assert [m["step"] for m in le] == [m["step"] for m in lg]
     assert lg[-1]["eval/psnr_db"] == pytest.approx(le[-1]["eval/psnr_db"], abs=0.05)
     assert any("memory/max_allocated_gib" in m for m in lg)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_padded_thin_convs_compute_what_the_plain_ones_do_on_a_gpu(precision):
+    """cuDNN's kernels for 1 and for 8 channels sum in other orders: equal to rounding
+    (bf16 keeps 8 bits of mantissa: 1e-2 of a gradient's largest entry)."""
+    (y, grads, _), (y_pad, grads_pad, _) = _padded_against_plain(ConvDenoiser(), "cuda", True, precision)
+    tol = 2e-2 if precision == "bf16" else 1e-3
+    assert torch.allclose(y_pad, y, atol=tol)
+    for g, g_pad in zip(grads, grads_pad, strict=True):
+        assert (g_pad - g).abs().max() <= tol * g.abs().max(), (g_pad - g).abs().max()
+
+
+@gpu
+@pytest.mark.gpu
+def test_the_fastest_gpu_settings_train_like_the_plain_run(mnist_root, tmp_path):
+    """A compiled model with padded thin convs, replayed as a CUDA graph (the large-batch
+    setting of docs/performance.md) learns what the eager run learns, to bf16's rounding."""
+    base = SMALL + [f"data.root={mnist_root}", "data.train_samples=2000", "data.test_samples=500",
+                    "train.mixed_precision=bf16", "train.epochs=5"]
+    fast = ["perf.compile=true", "perf.pad_thin_convs=true", "perf.cuda_graphs=true", "perf.cudnn_benchmark=true"]
+    _ok(run_main(base + [f"output_dir={tmp_path / 'eager'}"]))
+    _ok(run_main(base + fast + [f"output_dir={tmp_path / 'fast'}"], timeout=600))
+    le, lf = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "fast")
+    assert [m["step"] for m in lf] == [m["step"] for m in le]
+    end_eager, end_fast = le[-1], lf[-1]
+    # Other kernels round apart over 500 steps; a graph that stopped training would sit dB below.
+    assert end_fast["eval/psnr_db"] == pytest.approx(end_eager["eval/psnr_db"], abs=0.75)
+    assert end_fast["eval/psnr_db"] > end_fast["eval/noisy_psnr_db"] + 2
 
 
 @gpu

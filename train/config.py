@@ -220,6 +220,10 @@ class PerfConfig:
     cudnn_benchmark: bool = False
     """let cuDNN time its kernels and keep the fastest (GPU). Off, cuDNN uses deterministic
     kernels only, so a GPU run repeats bit for bit and resumes exactly; on, it does not"""
+    pad_thin_convs: bool = False
+    """compute the convs with one input or output channel (the first and last) as 8-channel
+    ones, zero-padded, which cuDNN runs on its NHWC tensor-core kernels (GPU; train/thin_conv.py).
+    Slower on the CPUs measured"""
     cuda_graphs: bool = False
     """replay each optimizer step as one captured CUDA graph (one process on one GPU; no
     fp16, no gradient accumulation): removes the per-kernel launch cost that dominates small batches"""

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag
+    from train.thin_conv import pad_thin_convs
     from train.tracking import build_tracker
 
     stop = StopFlag()
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     model = build_model(cfg.model.name, **cfg.model.settings())
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
+    if cfg.perf.pad_thin_convs:
+        pad_thin_convs(model, cfg.perf.channels_last)
     if cfg.perf.compile:
         # In place: parameter names and checkpoints stay those of the eager model.
         model.compile(mode=cfg.perf.compile_mode)
