@@ -54,8 +54,10 @@ def main() -> int:
         print("error: --skip counts optimizer steps, which a CUDA graph's replays do not report; "
               "leave --skip out for perf.cuda_graphs=true", file=sys.stderr)
         return 2
-    # Operators are recorded (with shapes) only where the kernels are to be attributed to them.
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.skip else []) if cuda else [ProfilerActivity.CPU]
+    if not cuda:
+        activities = [ProfilerActivity.CPU]
+    else:  # operators are recorded (with shapes) only where the kernels are to be attributed to them
+        activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if args.skip else [ProfilerActivity.CUDA]
     # The step after the skipped ones is the profiler's warm-up; --steps are recorded after it.
     window = schedule(wait=args.skip, warmup=1, active=args.steps, repeat=1) if args.skip else None
     with profile(activities=activities, schedule=window, record_shapes=bool(args.skip)) as prof:
@@ -74,8 +76,11 @@ def main() -> int:
     # totals would count the same kernels again); on a CPU each operator's own time.
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    # On a GPU, ranges (a compiled graph's call) are left out: their device time is that of the
+    # kernels inside, counted already. On a CPU a range's own time is real work (a compiled
+    # graph's generated kernels, the Python between operators in ProfilerStep), so it stays.
     events = [e for e in prof.key_averages() if e.device_type == kind and getattr(e, attr) > 0
-              and not e.key.startswith("ProfilerStep")]  # the profiler's own range around each step
+              and not (cuda and e.is_user_annotation)]
     total_us = sum(getattr(e, attr) for e in events)
     rows = [{"name": e.key[:90], "calls_per_step": round(e.count / args.steps, 2),
              "us_per_step": round(getattr(e, attr) / args.steps, 2),

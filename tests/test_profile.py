@@ -29,7 +29,6 @@ def test_skip_profiles_only_the_steps_after_the_warm_up(tiny_mnist, tmp_path):
     # backward) would each change these counts if the window let them in.
     assert rows["aten::convolution_backward"]["calls_per_step"] == 7.0
     assert rows["aten::max_pool2d_with_indices"]["calls_per_step"] == 3.0
-    assert not any(name.startswith("ProfilerStep") for name in rows)
 
 
 def test_skip_is_refused_with_cuda_graphs(tiny_mnist):
