@@ -13,8 +13,8 @@ Without --skip, totals include the one-off work (compiling, cuDNN's autotuning t
 evaluation), so they are an upper bound per step. --skip N records only the --steps steps
 after the first N (the steady state); it counts steps by the optimizer's step hook, which a
 CUDA graph's replays do not call, so it cannot be used with perf.cuda_graphs. With --skip, a
-second table (`by_op`) names the operator that launched each kernel, its input shapes and
-strides: which layer a kernel belongs to, and whether its tensors were NCHW or NHWC.
+second table (`by_op`) names the operator that launched each kernel and its input shapes:
+which layer a kernel belongs to.
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ def main() -> int:
     for r in report["top"]:
         print(f"| {r['name']} | {r['calls_per_step']} | {r['us_per_step']} | {r['share']:.1%} |")
     for r in report.get("by_op", []):
-        print(f"| {r['kernel']} | {r['op']} | {r['shapes']} | {r['strides']} | {r['calls_per_step']} | "
-              f"{r['us_per_step']} |")
+        print(f"| {r['kernel']} | {r['op']} | {r['shapes']} | {r['calls_per_step']} | {r['us_per_step']} |")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
@@ -117,14 +116,14 @@ def kernels_by_op(events, steps: int) -> list[dict]:
         while parent is not None and len(chain) < 3:
             chain.append(parent.name)
             parent = parent.cpu_parent
-        key_of_op = (" < ".join(chain), str(e.input_shapes), str(getattr(e, "structured_input_strides", "")))
+        key_of_op = (" < ".join(chain), str(e.input_shapes))
         for k in e.kernels:
             total = totals.setdefault((k.name[:70], *key_of_op), [0, 0.0])
             total[0] += 1
             total[1] += k.duration
-    return [{"kernel": kernel, "op": op, "shapes": shapes[:160], "strides": strides[:200],
+    return [{"kernel": kernel, "op": op, "shapes": shapes[:160],
              "calls_per_step": round(calls / steps, 2), "us_per_step": round(us / steps, 1)}
-            for (kernel, op, shapes, strides), (calls, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
+            for (kernel, op, shapes), (calls, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
 
 
 if __name__ == "__main__":

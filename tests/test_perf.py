@@ -153,8 +153,8 @@ def test_channels_last_and_compile_train_the_same_model(tiny_mnist, tmp_path):
 
 
 def _padded_against_plain(model: torch.nn.Module, device: str, channels_last: bool, precision: str):
-    """(output, parameter gradients) of one forward and backward pass of `model` and of its
-    copy with padded thin convs, on the same batch."""
+    """(output, parameter gradients, state-dict names) after one forward and backward pass of
+    `model` and of its copy with padded thin convs, on the same batch."""
     torch.manual_seed(0)
     x = torch.rand(6, 1, 28, 28, device=device)
     results = []
