@@ -7,13 +7,17 @@ steps that must leave no trace, static inputs) is checked here on the CPU too.
 from __future__ import annotations
 
 import copy
+import os
+import platform
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_weights, read_metrics, run_main
+from conftest import REPO, load_weights, read_metrics, run_main
 from train import noise
 from train.config import ConfigError, load_config
 from train.cuda_graph import CapturedStep
@@ -252,3 +256,59 @@ def test_cuda_graph_run_resumes_exactly(mnist_root, tmp_path):
     whole, resumed = load_weights(tmp_path / "whole"), load_weights(split)
     for k in whole:
         assert torch.allclose(resumed[k], whole[k], atol=1e-6), (k, (resumed[k] - whole[k]).abs().max())
+
+
+# A fresh process trains a few steps at batch 64 (one thread) and prints the page faults of
+# its last ones; argv[1] says whether it first calls keep_freed_host_memory.
+_FAULTS_PER_STEP = """
+import resource, sys
+import torch
+from train.host_memory import keep_freed_host_memory
+from train.model import ConvDenoiser
+kept = sys.argv[1] == "keep" and keep_freed_host_memory()
+model = ConvDenoiser().to(memory_format=torch.channels_last)
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+x = torch.rand(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+def step():
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x), x).backward()
+    optimizer.step()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's malloc")
+def test_reused_host_memory_takes_the_page_faults_out_of_a_step():
+    """Without the setting each step faults its activations' pages in afresh (thousands per
+    step at batch 64); with it, the pages of the step before are reused."""
+    per_step = {}
+    for mode in ("default", "keep"):
+        result = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, mode], cwd=REPO, capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        kept, faults = result.stdout.split()
+        assert kept == str(mode == "keep")
+        per_step[mode] = float(faults)
+    assert per_step["default"] > 1000, per_step  # the problem is there to be solved
+    assert per_step["keep"] < 20, per_step
+
+
+def test_the_job_keeps_freed_host_memory_unless_told_not_to(tiny_mnist, tmp_path):
+    """main.py makes the call once per process when perf.reuse_host_memory is on (the
+    default), and says so where the C library cannot take it."""
+    # run_main puts main.py's path first, so the job's own arguments start at argv[2].
+    patched = ("import sys, train.host_memory as h; calls = []; "
+               "h.keep_freed_host_memory = lambda: calls.append(1) or False; "
+               "from train.main import main; code = main(sys.argv[2:]); print('calls', len(calls)); sys.exit(code)")
+    base = SMALL + [f"data.root={tiny_mnist}", "train.max_steps=2"]
+    for setting, calls in (([], 1), (["perf.reuse_host_memory=false"], 0)):
+        result = run_main(base + setting + [f"output_dir={tmp_path / str(calls)}"],
+                          launcher=[sys.executable, "-c", patched])
+        _ok(result)
+        assert f"calls {calls}" in result.stdout
+        assert ("this C library is not glibc" in result.stdout + result.stderr) == bool(calls)

@@ -224,6 +224,10 @@ class PerfConfig:
     """compute the convs with one input or output channel (the first and last) as 8-channel
     ones, zero-padded, which cuDNN runs on its NHWC tensor-core kernels (GPU; train/thin_conv.py).
     Slower on the CPUs measured"""
+    reuse_host_memory: bool = True
+    """keep the host memory each step frees in the process for the next step (glibc's malloc
+    thresholds; train/host_memory.py) instead of page-faulting it in again: CPU batch 128 to
+    256 1.7x; at batch 20 to 64 glibc mostly keeps it already"""
     cuda_graphs: bool = False
     """replay each optimizer step as one captured CUDA graph (one process on one GPU; no
     fp16, no gradient accumulation): removes the per-kernel launch cost that dominates small batches"""

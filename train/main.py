@@ -83,12 +83,15 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     from train.config import save_config
     from train.data import load_mnist
     from train.distributed import build_accelerator, check_perf, describe
+    from train.host_memory import keep_freed_host_memory
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag
     from train.thin_conv import pad_thin_convs
     from train.tracking import build_tracker
 
+    # Before the data and the model allocate anything: from here freed host memory is reused.
+    kept_host_memory = cfg.perf.reuse_host_memory and keep_freed_host_memory()
     stop = StopFlag()
     stop.install()  # from here on a stop signal is honoured at the next optimizer step
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
@@ -160,6 +163,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     tracker.info(f"global batch {global_batch} images per optimizer step, lr {lr:g} (train.lr_scaling={cfg.train.lr_scaling}, "
                  f"train.lr_schedule={cfg.train.lr_schedule}, {cfg.train.warmup_steps} warm-up steps); "
                  f"perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
+    if cfg.perf.reuse_host_memory and not kept_host_memory:
+        tracker.info("perf.reuse_host_memory: this C library is not glibc, so its own malloc settings stay")
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
 
