@@ -7,6 +7,7 @@ layers), MSE, Adam lr 1e-3, fp32, one process. Used by bench/throughput.py; run 
 
     python bench/reference.py --data ../shared/data --max-steps 600       # images/s
     python bench/reference.py --data ../shared/data --target-psnr 15.58   # time to quality
+    python bench/reference.py --data ../shared/data --max-steps 600 --reuse-host-memory
 
 Prints one JSON line per evaluation and one summary line.
 """
@@ -39,7 +40,14 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many batches; 0 = 20 epochs")
     p.add_argument("--warmup-steps", type=int, default=20, help="batches left out of the images/s figure")
     p.add_argument("--target-psnr", type=float, default=0.0, help="evaluate each epoch; stop at this test PSNR (dB)")
+    p.add_argument("--reuse-host-memory", action="store_true",
+                   help="not the notebook's: keep freed host memory as the job's perf.reuse_host_memory does "
+                        "(to show what that setting alone is worth)")
     args = p.parse_args()
+    if args.reuse_host_memory:
+        from train.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     from torchvision import datasets, transforms  # as the notebook did
 
     t_start = time.perf_counter()

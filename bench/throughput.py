@@ -10,7 +10,9 @@ one after the other, so no two runs share the machine):
   speed    (a) training images/s: the reference recipe (PIL loader, batch 20, CPU noise) vs
            this job at batch 20 fp32 (plain, then with each speed setting) and at its best setting
   scaling  (c) images/s over batch sizes x mixed precisions; on the CPU, 1 vs 2 processes at
-           the same global batch. The fastest one-process row is "our best setting"
+           the same global batch. The fastest one-process row is "our best setting"; on the
+           CPU it is then run alternately with the reference 3 times (--confirm) for a
+           median ratio that the machine's drift moves less than one pair
   quality  (b) time to reach the reference's 20-epoch test PSNR (15.58 dB): this job with the
            device's fast config, vs the reference recipe (run to that PSNR with
            --reference-ttq full, or estimated from its measured images/s with estimate)
@@ -63,6 +65,7 @@ PLANS = {
 # Section tuning: settings tried at one batch size (--batch, or the sweep's fastest).
 TUNING = {
     "cpu": [["train.mixed_precision=no", "perf.channels_last=false"], ["train.mixed_precision=no", "perf.channels_last=true"],
+            ["train.mixed_precision=no", "perf.channels_last=true", "perf.reuse_host_memory=false"],
             ["train.mixed_precision=no", "perf.channels_last=true", "perf.compile=true"]],
     "cuda": [["train.mixed_precision=bf16", "perf.channels_last=true"],
              ["train.mixed_precision=bf16", "perf.channels_last=true", "perf.cudnn_benchmark=true"],
@@ -136,12 +139,15 @@ def ours(name: str, args, overrides: list[str], steps: int, processes: int = 1, 
     return row
 
 
-def reference(args, steps: int, target_psnr: float = 0.0) -> tuple[dict, list[dict]]:
-    """bench/reference.py: the notebook's recipe. Returns (row, per-epoch evaluations)."""
+def reference(args, steps: int, target_psnr: float = 0.0, reuse_host_memory: bool = False) -> tuple[dict, list[dict]]:
+    """bench/reference.py: the notebook's recipe (with reuse_host_memory, plus the job's
+    malloc setting). Returns (row, per-epoch evaluations)."""
     cmd = [sys.executable, str(REPO / "bench" / "reference.py"), "--data", args.data, "--device", args.device]
     cmd += ["--target-psnr", str(target_psnr)] if target_psnr else ["--max-steps", str(steps)]
+    cmd += ["--reuse-host-memory"] if reuse_host_memory else []
     result, wall = _run(cmd, _env(args.device), timeout=3 * 3600)
-    row = {"row": "reference recipe", "settings": "PIL + DataLoader, batch 20, CPU noise, fp32", "processes": 1}
+    row = {"row": "reference recipe" + (" + reused host memory" if reuse_host_memory else ""),
+           "settings": "PIL + DataLoader, batch 20, CPU noise, fp32", "processes": 1}
     if result.returncode != 0:
         return {**row, "error": (result.stderr.strip().splitlines() or ["?"])[-1][:200]}, []
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
@@ -151,6 +157,27 @@ def reference(args, steps: int, target_psnr: float = 0.0) -> tuple[dict, list[di
     if "gpu_max_allocated_gib" in summary:
         row["gpu_max_allocated_gib"] = round(summary["gpu_max_allocated_gib"], 3)
     return row, lines[:-1]
+
+
+def alternate(args, overrides: list[str], times: int, reference_steps: int, steps: int) -> dict:
+    """The reference recipe and our run with `overrides`, one after the other, `times` times:
+    each pair measured minutes apart at most, so a drift of the machine's speed (30% within
+    minutes on a shared VM) moves both sides of a ratio alike. Returns the pairs and the
+    median ratio (ours / reference)."""
+    pairs = []
+    for i in range(times):
+        ref, _ = reference(args, reference_steps)
+        row = ours("ours, best setting", args, overrides, steps)
+        pair = {"run": i + 1, "reference_images_per_s": ref.get("images_per_s"),
+                "ours_images_per_s": row.get("images_per_s")}
+        if pair["reference_images_per_s"] and pair["ours_images_per_s"]:
+            pair["ratio"] = round(pair["ours_images_per_s"] / pair["reference_images_per_s"], 2)
+        else:
+            pair["error"] = ref.get("error") or row.get("error")
+        pairs.append(pair)
+    ratios = [p["ratio"] for p in pairs if "ratio" in p]
+    return {"settings": " ".join(overrides) or "defaults", "pairs": pairs,
+            "median_ratio": round(statistics.median(ratios), 2) if ratios else None}
 
 
 def time_to_quality(args, config: str, target: float, timeout: float, processes: int = 1) -> dict:
@@ -279,6 +306,11 @@ def render(report: dict) -> str:
         text += ["## (a) training images/s", "", table(report["speed"], cols), ""]
     if "scaling" in report:
         text += ["## (c) scaling", "", table(report["scaling"], ["batch"] + cols[:4] + cols[5:]), ""]
+    if "confirm" in report:
+        c = report["confirm"]
+        text += [f"## best setting against the reference, alternated: median ratio {c.get('median_ratio')}", "",
+                 f"settings: {c['settings']}", "", table(c["pairs"], ["run", "reference_images_per_s",
+                                                                      "ours_images_per_s", "ratio", "error"]), ""]
     if "tuning" in report:
         text += ["## speed settings at one batch size", "", table(report["tuning"], cols), ""]
     if "quality" in report:
@@ -309,6 +341,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=0, help="batch size of the tuning section")
     parser.add_argument("--tuning", action="append", help="overrides of one tuning row (repeatable; later "
                         "overrides win, so a row may set its own batch); default: the device's list of settings")
+    parser.add_argument("--confirm", type=int, default=None,
+                        help="with scaling: then run the reference and our best one-process setting alternately, this "
+                        "many times each, and report the median ratio (default: 3 on a CPU, whose speed drifts "
+                        "by 30%% within minutes; 0 on a GPU)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the steps (a smoke test of the script)")
     parser.add_argument("--out", default="bench/out/throughput.json")
     parser.add_argument("--work", default=None, help="scratch folder for the runs' outputs (default: a temp dir)")
@@ -355,6 +391,11 @@ def main() -> int:
             ("ours, batch 20 fp32, NCHW", ["perf.channels_last=false"]),
             ("ours, batch 20 fp32 (defaults: channels_last)", []),
         ]
+        if args.device == "cpu":  # the allocator setting alone, in our job and in the reference
+            variants.insert(1, ("ours, batch 20 fp32, channels_last, malloc as is", ["perf.reuse_host_memory=false"]))
+            ref_reused, _ = reference(args, max(int(plan["reference_steps"] * scale), 40), reuse_host_memory=True)
+            speed_rows.append(_versus(ref_reused, base_rate))
+            print(speed_rows[-1], flush=True)
         if args.device == "cuda":
             variants.append(("ours, batch 20 fp32 + CUDA graphs, NCHW", ["perf.cuda_graphs=true", "perf.channels_last=false"]))
             variants.append(("ours, batch 20 fp32 + CUDA graphs + channels_last", ["perf.cuda_graphs=true"]))
@@ -375,8 +416,8 @@ def main() -> int:
                 print(rows[-1], flush=True)
                 save()
         # Our best setting on this machine: the fastest one-process row measured so far.
-        measured = [r for r in speed_rows[1:] + rows
-                    if "images_per_s" in r and r["processes"] == 1 and "compile" not in r["settings"]]
+        measured = [r for r in speed_rows + rows if "images_per_s" in r and not r["row"].startswith("reference")
+                    and r["processes"] == 1 and "compile" not in r["settings"]]
         if measured:
             best = dict(max(measured, key=lambda r: r["images_per_s"]))
             best_overrides = [] if best["settings"] == "defaults" else best["settings"].split()
@@ -388,6 +429,12 @@ def main() -> int:
             print(speed_rows[-1], flush=True)
             report["speed"] = speed_rows
             save()
+            confirm = args.confirm if args.confirm is not None else (3 if args.device == "cpu" else 0)
+            if confirm:
+                report["confirm"] = alternate(args, best_overrides, confirm,
+                                              max(int(plan["reference_steps"] * scale), 40), large_steps(best["batch"]))
+                print(report["confirm"], flush=True)
+                save()
         if args.device == "cpu":
             # One process against two of one thread each, at the same global batch of 128,
             # then two processes at smaller batches (small batches are no slower per image here).
@@ -443,7 +490,7 @@ def main() -> int:
 
     if "floor" in sections and args.device == "cuda":
         ours_rows = [r for r in report.get("speed", []) + report.get("tuning", [])
-                     if "images_per_s" in r and r["row"] != "reference recipe"]
+                     if "images_per_s" in r and not r["row"].startswith("reference")]
         report["floor"] = floor(device_name, max(ours_rows, key=lambda r: r["images_per_s"], default={}))
 
     print(save())
