@@ -226,8 +226,8 @@ class PerfConfig:
     Slower on the CPUs measured"""
     reuse_host_memory: bool = True
     """keep the host memory each step frees in the process for the next step (glibc's malloc
-    thresholds; train/host_memory.py) instead of page-faulting it in again: CPU batch 128 to
-    256 1.7x; at batch 20 to 64 glibc mostly keeps it already"""
+    thresholds; train/host_memory.py) instead of page-faulting it in again: CPU batch 64
+    1.9x, 128 to 256 1.7x; batch 20 has no faults to remove"""
     cuda_graphs: bool = False
     """replay each optimizer step as one captured CUDA graph (one process on one GPU; no
     fp16, no gradient accumulation): removes the per-kernel launch cost that dominates small batches"""

@@ -6,8 +6,9 @@ up to 6 MB at batch 64, 25 MB at batch 256. glibc serves blocks above its mmap t
 mappings that it unmaps on free, and trims free memory off the top of its heap, so a step
 can touch new pages again, which the kernel zeroes one page fault at a time. Whether it
 does depends on what the process freed before: in the job on the project's 2-core machine,
-~50,000 page faults per step at batch 256 (without them the step is 1.7x faster) and none
-at batch 20; a bare training loop faults ~2,900 times per step at batch 20. With both
+~13,000 page faults per step at batch 64 and ~50,000 at batch 256 (without them the step
+is 1.9x and 1.7x faster), none at batch 20; a bare training loop faults ~2,900 times per
+step at batch 20. With both
 thresholds raised the pages stay in the process and the faults drop to none at any batch
 under the mmap cap (docs/performance.md has the measurements). The cost: memory freed
 after a peak stays in the process instead of going back to the system, which for a
