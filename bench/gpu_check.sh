@@ -5,7 +5,7 @@
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
 # STEPs (default: all, in this order): speed full profile20 tests tuning profile_large profile_steady
-# quality check results.
+# quality pad20 check results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
 # MNIST_GZ=folder-with-MNIST/raw/*.gz unpacks a gzipped copy first (what travels to the
@@ -70,6 +70,11 @@ if want profile_steady; then  # steady-state steps only, each kernel named with 
     profile steady_padded 120 6 --skip 12 $LARGE perf.compile=true perf.pad_thin_convs=true
 fi
 want quality && bench quality 70 quality --reference-ttq estimate
+# Not yet measured: padded thin convs at batch 20 under a CUDA graph, the whole-run setting
+# (fast_gpu.yaml's), against the same without them, side by side.
+want pad20 && bench pad20 120 tuning --batch 20 --tuning "$GRAPHS perf.cudnn_benchmark=true" \
+    --tuning "$GRAPHS perf.cudnn_benchmark=true perf.pad_thin_convs=true" \
+    --tuning "perf.cuda_graphs=true perf.cudnn_benchmark=true perf.pad_thin_convs=true"
 if want check; then
     step gpu_check 90 python bench/gpu_check.py --data-root "$MNIST_ROOT" --out "$WORK/gpu_check"
     cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
