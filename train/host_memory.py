@@ -8,11 +8,11 @@ can touch new pages again, which the kernel zeroes one page fault at a time. Whe
 does depends on what the process freed before: in the job on the project's 2-core machine,
 ~13,000 page faults per step at batch 64 and ~50,000 at batch 256 (without them the step
 is 1.9x and 1.7x faster), none at batch 20; a bare training loop faults ~2,900 times per
-step at batch 20. With both
-thresholds raised the pages stay in the process and the faults drop to none at any batch
-under the mmap cap (docs/performance.md has the measurements). The cost: memory freed
-after a peak stays in the process instead of going back to the system, which for a
-training loop, whose every step peaks alike, changes its resident size little.
+step at batch 20. With both thresholds raised the pages stay in the process and the faults
+drop to none for every block under the mmap cap (docs/performance.md has the measurements).
+The cost: memory freed after a peak stays in the process instead of going back to the
+system, which for a training loop, whose every step peaks alike, changes its resident size
+little.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import platform
 # mallopt's parameter numbers, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 << 20  # blocks under this come from the heap; glibc refuses more on 64-bit
+# Blocks under this come from the heap: glibc's own cap for its threshold on 64-bit, which
+# holds a 32-channel 28x28 fp32 activation up to batch 334.
+MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30  # free memory kept at the heap's top before any goes back
 
 

@@ -164,7 +164,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
                  f"train.lr_schedule={cfg.train.lr_schedule}, {cfg.train.warmup_steps} warm-up steps); "
                  f"perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
     if cfg.perf.reuse_host_memory and not kept_host_memory:
-        tracker.info("perf.reuse_host_memory: this C library is not glibc, so its own malloc settings stay")
+        tracker.info("perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
+                     "so malloc keeps its own settings")
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
 
