@@ -16,6 +16,8 @@ one after the other, so no two runs share the machine):
   quality  (b) time to reach the reference's 20-epoch test PSNR (15.58 dB): this job with the
            device's fast config, vs the reference recipe (run to that PSNR with
            --reference-ttq full, or estimated from its measured images/s with estimate)
+  confirm  without scaling: the reference and this job at --batch (default settings),
+           alternately, --confirm times each (default 3), and the median ratio
   tuning   at one batch size (--batch, else the sweep's fastest), the speed settings one by one
   full     a whole run of configs/default.yaml (the reference recipe: 20 epochs at batch 20,
            evaluation every epoch) with the device's speed settings: wall time, and the
@@ -331,7 +333,7 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="folder holding MNIST/raw/")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sections", default="speed,scaling,quality,floor",
-                        help="any of speed,scaling,quality,full,floor (full is not in the default: 20 epochs)")
+                        help="any of speed,scaling,quality,tuning,confirm,full,floor (full is not in the default: 20 epochs)")
     parser.add_argument("--reference-ttq", choices=["full", "estimate"], default="full",
                         help="run the reference recipe to 15.58 dB (CPU: ~20 min) or estimate it from its images/s")
     parser.add_argument("--full", action="append", help="overrides of one full run (repeatable); "
@@ -445,6 +447,12 @@ def main() -> int:
                                                            overrides, large_steps(global_batch), processes=processes)})
                 print(rows[-1], flush=True)
                 save()
+
+    if "confirm" in sections and "scaling" not in sections:  # alone: at --batch, the default settings
+        report["confirm"] = alternate(args, [f"train.per_device_batch_size={args.batch or 20}"], args.confirm or 3,
+                                      max(int(plan["reference_steps"] * scale), 40), large_steps(args.batch or 20))
+        print(report["confirm"], flush=True)
+        save()
 
     if "tuning" in sections:
         batch = args.batch or (best["batch"] if "scaling" in sections and measured else None)
