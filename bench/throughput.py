@@ -344,9 +344,9 @@ def main() -> int:
     parser.add_argument("--tuning", action="append", help="overrides of one tuning row (repeatable; later "
                         "overrides win, so a row may set its own batch); default: the device's list of settings")
     parser.add_argument("--confirm", type=int, default=None,
-                        help="with scaling: then run the reference and our best one-process setting alternately, this "
-                        "many times each, and report the median ratio (default: 3 on a CPU, whose speed drifts "
-                        "by 30%% within minutes; 0 on a GPU)")
+                        help="times each that the reference and our best one-process setting (with scaling; --batch "
+                        "with the confirm section alone) run alternately, for a median ratio (default: 3 on a CPU, "
+                        "whose speed drifts by 30%% within minutes; 0 on a GPU with scaling)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the steps (a smoke test of the script)")
     parser.add_argument("--out", default="bench/out/throughput.json")
     parser.add_argument("--work", default=None, help="scratch folder for the runs' outputs (default: a temp dir)")
@@ -357,6 +357,7 @@ def main() -> int:
     plan = dict(PLANS[args.device])
     scale = 0.1 if args.quick else 1.0
     small = max(int(plan["small_steps"] * scale), 16)
+    reference_steps = max(int(plan["reference_steps"] * scale), 40)
 
     import torch
 
@@ -378,11 +379,16 @@ def main() -> int:
         out.with_suffix(".md").write_text(text + "\n")
         return text
 
+    def confirm(overrides: list[str], batch: int, times: int) -> None:
+        report["confirm"] = alternate(args, overrides, times, reference_steps, large_steps(batch))
+        print(report["confirm"], flush=True)
+        save()
+
     speed_rows: list[dict] = []
     if "speed" in sections:
         report["speed"] = speed_rows
     if "speed" in sections or "quality" in sections:
-        ref_row, _ = reference(args, max(int(plan["reference_steps"] * scale), 40))
+        ref_row, _ = reference(args, reference_steps)
         if "images_per_s" in ref_row:
             ref_row["vs_reference"] = 1.0
         speed_rows.append(ref_row)
@@ -395,7 +401,7 @@ def main() -> int:
         ]
         if args.device == "cpu":  # the allocator setting alone, in our job and in the reference
             variants.insert(1, ("ours, batch 20 fp32, channels_last, malloc as is", ["perf.reuse_host_memory=false"]))
-            ref_reused, _ = reference(args, max(int(plan["reference_steps"] * scale), 40), reuse_host_memory=True)
+            ref_reused, _ = reference(args, reference_steps, reuse_host_memory=True)
             speed_rows.append(_versus(ref_reused, base_rate))
             print(speed_rows[-1], flush=True)
         if args.device == "cuda":
@@ -431,12 +437,9 @@ def main() -> int:
             print(speed_rows[-1], flush=True)
             report["speed"] = speed_rows
             save()
-            confirm = args.confirm if args.confirm is not None else (3 if args.device == "cpu" else 0)
-            if confirm:
-                report["confirm"] = alternate(args, best_overrides, confirm,
-                                              max(int(plan["reference_steps"] * scale), 40), large_steps(best["batch"]))
-                print(report["confirm"], flush=True)
-                save()
+            times = args.confirm if args.confirm is not None else (3 if args.device == "cpu" else 0)
+            if times:
+                confirm(best_overrides, best["batch"], times)
         if args.device == "cpu":
             # One process against two of one thread each, at the same global batch of 128,
             # then two processes at smaller batches (small batches are no slower per image here).
@@ -449,10 +452,8 @@ def main() -> int:
                 save()
 
     if "confirm" in sections and "scaling" not in sections:  # alone: at --batch, the default settings
-        report["confirm"] = alternate(args, [f"train.per_device_batch_size={args.batch or 20}"], args.confirm or 3,
-                                      max(int(plan["reference_steps"] * scale), 40), large_steps(args.batch or 20))
-        print(report["confirm"], flush=True)
-        save()
+        batch = args.batch or 20
+        confirm([f"train.per_device_batch_size={batch}"], batch, args.confirm if args.confirm is not None else 3)
 
     if "tuning" in sections:
         batch = args.batch or (best["batch"] if "scaling" in sections and measured else None)
