@@ -143,7 +143,7 @@ def test_channels_last_and_compile_train_the_same_model(tiny_mnist, tmp_path):
     """Other kernels, same arithmetic: weights agree to rounding after an epoch of steps,
     and the train log carries the memory figures."""
     base = SMALL + [f"data.root={tiny_mnist}", "data.train_samples=96"]
-    runs = {"plain": ["perf.channels_last=false"], "channels_last": [],
+    runs = {"plain": ["perf.channels_last=false", "perf.cpu_layers=false"], "channels_last": [],
             "compiled": ["perf.compile=true"], "padded": ["perf.pad_thin_convs=true"]}
     for name, extra in runs.items():
         _ok(run_main(base + extra + [f"output_dir={tmp_path / name}"], timeout=600))

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
 
     from train import checkpoint
     from train.config import save_config
+    from train.cpu_layers import cpu_layers_unsupported, use_cpu_layers
     from train.data import load_mnist
     from train.distributed import build_accelerator, check_perf, describe
     from train.host_memory import keep_freed_host_memory
@@ -118,6 +119,9 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
         model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
     if cfg.perf.pad_thin_convs:
         pad_thin_convs(model, cfg.perf.channels_last)
+    cpu_layers_off = cpu_layers_unsupported(accelerator.device.type, accelerator.mixed_precision, cfg.perf.compile)
+    if cfg.perf.cpu_layers and not cpu_layers_off:
+        use_cpu_layers(model)  # faster CPU forms of two layers; the same parameters and names
     if cfg.perf.compile:
         # In place: parameter names and checkpoints stay those of the eager model.
         model.compile(mode=cfg.perf.compile_mode)
@@ -166,6 +170,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     if cfg.perf.reuse_host_memory and not kept_host_memory:
         tracker.info("perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
                      "so malloc keeps its own settings")
+    if cfg.perf.cpu_layers and cpu_layers_off:
+        tracker.info(f"perf.cpu_layers not applied: {cpu_layers_off}")
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
 
