@@ -117,7 +117,8 @@ def test_the_job_uses_the_cpu_forms_unless_told_not_to(tiny_mnist, tmp_path):
     runs = {"default": ([], "calls [6]", None), "off": (["perf.cpu_layers=false"], "calls []", None),
             "bf16": (["train.mixed_precision=bf16"], "calls []", "perf.cpu_layers not applied: mixed precision bf16")}
     for name, (setting, calls, said) in runs.items():
-        result = run_main(base + setting + [f"output_dir={tmp_path / name}"], launcher=[sys.executable, "-c", patched])
+        result = run_main(base + setting + [f"output_dir={tmp_path / name}"], launcher=[sys.executable, "-c", patched],
+                          env={"CUDA_VISIBLE_DEVICES": ""})  # a CPU run, on a GPU machine too
         assert result.returncode == 0, result.stderr[-3000:]
         assert calls in result.stdout
         assert (said in result.stdout + result.stderr) if said else "perf.cpu_layers not applied" not in result.stdout

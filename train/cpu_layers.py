@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -69,6 +70,7 @@ class _ConvToOne(torch.autograd.Function):
         return out.unsqueeze(1)
 
     @staticmethod
+    @once_differentiable  # no second derivatives: training needs none
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         n, c, h, w = x.shape
@@ -103,6 +105,7 @@ class _Upsample2x(torch.autograd.Function):
         return y.permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable  # no second derivatives: training needs none
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         n, c_in, h, w = x.shape
