@@ -231,8 +231,8 @@ class PerfConfig:
     cpu_layers: bool = True
     """on a CPU in fp32 without compile: compute the last conv (32 -> 1) and the kernel-2
     stride-2 transposed convs as matrix products, and max-pool before ReLU
-    (train/cpu_layers.py); the same results up to rounding, a training step 1.15x (batch 20)
-    to 1.3x (64, 128). Not applied on a GPU, under bf16 or with compile"""
+    (train/cpu_layers.py); the same results up to rounding, a training step 1.1x to 1.3x
+    (the most at large batches). Not applied on a GPU, under bf16 or with compile"""
     cuda_graphs: bool = False
     """replay each optimizer step as one captured CUDA graph (one process on one GPU; no
     fp16, no gradient accumulation): removes the per-kernel launch cost that dominates small batches"""

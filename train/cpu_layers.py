@@ -1,26 +1,28 @@
 """Faster CPU forms of two of the reference model's layers; the same results up to rounding.
 
-oneDNN's kernels handle two of the reference model's shapes badly on the project's 2-core CPU
-(fp32, channels_last, batch 64, forward + backward of the layer alone):
+Two of the reference model's layers are, underneath, a few matrix products over the NHWC
+activations (rows: pixels, columns: channels), in shapes oneDNN's convolution kernels serve
+less well on the project's 2-core CPU:
 
-- the last conv, 32 -> 1 channels, 3x3: 12.7 ms for 29 MFLOP each way (a few GFLOP/s);
-- the 16 -> 32 transposed conv (kernel 2, stride 2): 10.9 ms for 51 MFLOP each way.
+- the last conv, 32 -> 1 channels, 3x3: one product gives the 9 taps of every pixel, and
+  the output sums the 9 tap maps shifted by their offsets;
+- a transposed conv with kernel = stride = 2: its 2x2 output blocks do not overlap, so each
+  input pixel's block is one row of a product, and a permuted copy lays them out as NHWC.
 
-Each is a few matrix products over the NHWC activations (rows: pixels, columns: channels),
-written here as autograd Functions that call BLAS. Which operand is transposed matters to
-BLAS on these skinny shapes (a [50176, 32] x [32, 9] product took 2.6 ms one way round and
-0.6 ms the other), so each product is written the fast way round. The modules keep
-nn.Conv2d's and nn.ConvTranspose2d's parameters and names, so checkpoints are unchanged;
-`use_cpu_layers` swaps them in place.
+Written here as autograd Functions that call BLAS. Which operand is transposed matters to
+BLAS on these skinny shapes (several times, in prototyping), so each product is written the
+fast way round. The modules keep nn.Conv2d's and nn.ConvTranspose2d's parameters and names,
+so checkpoints are unchanged; `use_cpu_layers` swaps them in place.
 
 It also moves each max-pool that follows a ReLU in front of it: ReLU is monotonic, so the
 two commute exactly (the same outputs and, since the pool's first-maximum rule picks the
 same element, the same gradients, bit for bit), and the ReLU then touches a quarter of the
 pixels.
 
-Together: a training step of the reference model 1.15x as fast at batch 20 and 1.3x at 64
-and 128 on that CPU (bench/cpu_layers.py, which alternates the two in one process). The
-first conv (1 -> 32) was tried as a product too and gained nothing, so oneDNN keeps it.
+Together: a training step of the reference model 1.1x to 1.3x as fast on that CPU, the
+most at large batches (bench/cpu_layers.py alternates the two in one process; --layers
+times each layer alone). The first conv (1 -> 32) was tried as a product too and gained
+nothing, so oneDNN keeps it.
 
 fp32 only: under bf16 autocast oneDNN's kernels are the ones to use (CPUs with AMX), and on
 a GPU cuDNN's. tests/test_cpu_layers.py checks each form against the layer it replaces in
