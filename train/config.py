@@ -224,6 +224,11 @@ class PerfConfig:
     """compute the convs with one input or output channel (the first and last) as 8-channel
     ones, zero-padded, which cuDNN runs on its NHWC tensor-core kernels (GPU; train/thin_conv.py).
     Slower on the CPUs measured"""
+    fuse_first_block: bool = False
+    """compute the first conv (1 -> 32), its ReLU and its 2x2 max-pool as one op with its own
+    backward (GPU: two Triton kernels; train/first_block.py): no 32-channel 28x28 tensor is
+    stored, and the backward recomputes the conv from the input. Elsewhere it runs as plain
+    tensor ops, slower than the library's conv. Not yet timed on a GPU"""
     reuse_host_memory: bool = True
     """keep the host memory each step frees in the process for the next step (glibc's malloc
     thresholds; train/host_memory.py) instead of page-faulting it in again: CPU batch 64

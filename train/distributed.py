@@ -9,6 +9,7 @@ Two launch mistakes are caught here rather than trained through:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from datetime import timedelta
 
@@ -72,6 +73,9 @@ def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> 
 
 def check_perf(perf: PerfConfig, train: TrainConfig, accelerator: Accelerator) -> None:
     """Refuse speed settings this launch cannot honour, before any work is done."""
+    if perf.fuse_first_block and accelerator.device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise LaunchError("perf.fuse_first_block=true needs Triton on a GPU and it is not installed: "
+                          "pip install triton, or set perf.fuse_first_block=false")
     if not perf.cuda_graphs:
         return
     problems = []

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     from train.config import save_config
     from train.cpu_layers import cpu_layers_unsupported, use_cpu_layers
     from train.data import load_mnist
-    from train.distributed import build_accelerator, check_perf, describe
+    from train.distributed import LaunchError, build_accelerator, check_perf, describe
+    from train.first_block import fuse_first_block
     from train.host_memory import keep_freed_host_memory
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
@@ -117,7 +118,10 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     model = build_model(cfg.model.name, **cfg.model.settings())
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
-    if cfg.perf.pad_thin_convs:
+    if cfg.perf.fuse_first_block and not fuse_first_block(model, cfg.perf.channels_last):
+        raise LaunchError(f"perf.fuse_first_block=true: model {cfg.model.name} has no conv (one input channel, 3x3) "
+                          "-> ReLU -> 2x2 max-pool to fuse; set perf.fuse_first_block=false")
+    if cfg.perf.pad_thin_convs:  # after the fusing, which matches plain nn.Conv2d layers only
         pad_thin_convs(model, cfg.perf.channels_last)
     cpu_layers_off = cpu_layers_unsupported(accelerator.device.type, accelerator.mixed_precision, cfg.perf.compile)
     if cfg.perf.cpu_layers and not cpu_layers_off:
@@ -170,6 +174,9 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     if cfg.perf.reuse_host_memory and not kept_host_memory:
         tracker.info("perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
                      "so malloc keeps its own settings")
+    if cfg.perf.fuse_first_block and accelerator.device.type != "cuda":
+        tracker.info(f"perf.fuse_first_block on {accelerator.device.type}: the first block runs as plain tensor ops "
+                     "(the form its GPU kernels are checked against), slower than the library's conv")
     if cfg.perf.cpu_layers and cpu_layers_off:
         tracker.info(f"perf.cpu_layers not applied: {cpu_layers_off}")
     if resume_from is not None:
