@@ -4,8 +4,8 @@
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full profile20 tests tuning profile_large profile_steady
-# quality pad20 check results.
+# STEPs (default: all, in this order): speed full profile20 tests fuse tuning profile_large
+# profile_steady quality pad20 check results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
 # MNIST_GZ=folder-with-MNIST/raw/*.gz unpacks a gzipped copy first (what travels to the
@@ -58,8 +58,19 @@ if want profile20; then
     profile b20_eager 60 300 perf.channels_last=false
     profile b20_graphs 90 300 $GRAPHS perf.cudnn_benchmark=true
 fi
-want tests && step gpu_tests 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py
+want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py \
+    tests/test_first_block.py
 BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true perf.pad_thin_convs=true"
+if want fuse; then  # perf.fuse_first_block, written without a GPU at hand: its checks, then its speed (~8 minutes)
+    step fuse_tests 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_first_block.py
+    FUSE="perf.fuse_first_block=true"
+    AUTOTUNE="perf.compile_mode=max-autotune-no-cudagraphs"
+    bench fuse 330 tuning --batch 16384 --tuning "$BEST" --tuning "$BEST $FUSE" \
+        --tuning "$BEST $AUTOTUNE" --tuning "$BEST $AUTOTUNE $FUSE"
+    profile steady_fused 120 6 --skip 12 train.per_device_batch_size=16384 $BEST $FUSE
+    bench fuse20 120 tuning --batch 20 --tuning "$GRAPHS perf.cudnn_benchmark=true" \
+        --tuning "$GRAPHS perf.cudnn_benchmark=true $FUSE"
+fi
 want tuning && bench tuning 240 tuning,floor --batch 16384 \
     --tuning "$BEST" --tuning "$BEST perf.compile_mode=max-autotune-no-cudagraphs"
 want profile_large && profile b16384 100 40 train.per_device_batch_size=16384 $BEST
