@@ -3,8 +3,8 @@
 On the CPU: the op's reference form against nn's three layers in float64, the op's
 registration (torch.library.opcheck: schema, fake tensors for compile, autograd), the swap
 into models, the whole job with the setting, and the Triton kernels in Triton's interpreter.
-On a GPU (marker `gpu`): the kernels themselves, and the fused model, eager and compiled,
-against the plain one.
+On a GPU (marker `gpu`): the kernels themselves, the fused model, eager and compiled,
+against the plain one, and the job under a CUDA graph against the plain job.
 """
 
 from __future__ import annotations
@@ -224,3 +224,20 @@ def test_the_fused_model_computes_what_the_plain_one_does_on_a_gpu(precision, co
     assert (y_fused - y).abs().max() <= tol
     for g, g_fused in zip(grads, grads_fused, strict=True):
         assert (g_fused - g).abs().max() <= tol * g.abs().max(), (g_fused - g).abs().max()
+
+
+@gpu
+@pytest.mark.gpu
+def test_the_fused_block_under_a_cuda_graph_trains_like_the_plain_run(mnist_root, tmp_path):
+    """The whole job at batch 20 with each step one captured graph (the kernels and their
+    partial sums replayed), against the eager plain job: other kernels, so close, not equal."""
+    base = SMALL + [f"data.root={mnist_root}", "data.train_samples=2000", "data.test_samples=500",
+                    "perf.channels_last=false"]
+    for name, extra in (("plain", []), ("fused", ["perf.fuse_first_block=true", "perf.cuda_graphs=true"])):
+        result = run_main(base + extra + [f"output_dir={tmp_path / name}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+    plain, fused = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fused")
+    assert [m["step"] for m in fused] == [m["step"] for m in plain]
+    assert fused[-1]["eval/psnr_db"] == pytest.approx(plain[-1]["eval/psnr_db"], abs=0.1)
+    losses = [m["train/loss"] for m in fused if "train/loss" in m]
+    assert losses[-1] < 0.8 * losses[0]  # it learned: a graph that replayed no update would not
