@@ -61,7 +61,7 @@ fi
 want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py \
     tests/test_first_block.py
 BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true perf.pad_thin_convs=true"
-if want fuse; then  # perf.fuse_first_block, written without a GPU at hand: its checks, then its speed (~8 minutes)
+if want fuse; then  # perf.fuse_first_block, written without a GPU at hand: its checks, then its speed (~10 minutes, estimated)
     step fuse_tests 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_first_block.py
     FUSE="perf.fuse_first_block=true"
     AUTOTUNE="perf.compile_mode=max-autotune-no-cudagraphs"
