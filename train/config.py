@@ -321,6 +321,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.output_dir != "", "output_dir", "must not be empty")
+        # Only the reference model has the block (conv from one channel -> ReLU -> 2x2 max-pool).
+        _check(not self.perf.fuse_first_block or self.model.name == "conv_denoiser", "perf.fuse_first_block",
+               f"needs model.name=conv_denoiser (model {self.model.name} has no such first block): "
+               "set perf.fuse_first_block=false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     from train.config import save_config
     from train.cpu_layers import cpu_layers_unsupported, use_cpu_layers
     from train.data import load_mnist
-    from train.distributed import LaunchError, build_accelerator, check_perf, describe
+    from train.distributed import build_accelerator, check_perf, describe
     from train.first_block import fuse_first_block
     from train.host_memory import keep_freed_host_memory
     from train.loop import Trainer, build_optimizer
@@ -118,9 +118,8 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     model = build_model(cfg.model.name, **cfg.model.settings())
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
-    if cfg.perf.fuse_first_block and not fuse_first_block(model, cfg.perf.channels_last):
-        raise LaunchError(f"perf.fuse_first_block=true: model {cfg.model.name} has no conv (one input channel, 3x3) "
-                          "-> ReLU -> 2x2 max-pool to fuse; set perf.fuse_first_block=false")
+    if cfg.perf.fuse_first_block:
+        fuse_first_block(model, cfg.perf.channels_last)  # the config checked that the model has the block
     if cfg.perf.pad_thin_convs:  # after the fusing, which matches plain nn.Conv2d layers only
         pad_thin_convs(model, cfg.perf.channels_last)
     cpu_layers_off = cpu_layers_unsupported(accelerator.device.type, accelerator.mixed_precision, cfg.perf.compile)
