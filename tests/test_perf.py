@@ -259,7 +259,9 @@ def test_cuda_graph_run_resumes_exactly(mnist_root, tmp_path):
 
 
 # A fresh process trains a few steps at batch 64 (one thread) and prints the page faults of
-# its last ones; argv[1] says whether it first calls keep_freed_host_memory.
+# its last ones; argv[1] says whether it first calls keep_freed_host_memory. The least of
+# three windows: once in four CI runs a one-off burst (1,568 faults in one window of 10
+# steps) pushed a single window over the bound; an unkept process faults in every window.
 _FAULTS_PER_STEP = """
 import resource, sys
 import torch
@@ -275,10 +277,13 @@ def step():
     optimizer.step()
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+windows = []  # faults per step over 3 windows of 10 steps; the quietest one is printed
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+print(kept, min(windows))
 """
 
 
