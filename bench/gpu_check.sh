@@ -68,6 +68,7 @@ AUTOTUNE="perf.compile_mode=max-autotune-no-cudagraphs"
 # (estimated) so that each fits one device call: `fuse` (its checks, then the cheapest signal:
 # default compile, ~40 s a row) and `fuse_autotune` (the 900k best's mode, ~95 s a row).
 if want fuse; then
+    step epoch_order 30 python bench/epoch_order.py --out "$OUT/epoch_order.json"  # an epoch order's host time (~5 s)
     step fuse_tests 180 python -m pytest -q -m gpu -p no:cacheprovider tests/test_first_block.py
     bench fuse 170 tuning --batch 16384 --tuning "$BEST $FUSE" --tuning "$BEST"
     bench fuse20 80 tuning --batch 20 --tuning "$GRAPHS perf.cudnn_benchmark=true" \

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from conftest import make_tiny_mnist
+
 from train.data import DataError, EpochOrder, eval_shard, load_mnist
 
 
@@ -57,6 +59,21 @@ def test_ranks_get_disjoint_shards_and_global_batches_match_one_process(n, b, wo
         assert sorted(torch.cat([r[k] for r in ranks]).tolist()) == sorted(single[k].tolist())
     # What is left out is fewer than one global batch.
     assert n - len(used) < b * world
+
+
+@pytest.mark.parametrize("n,b,world", [(1000, 10, 1), (103, 10, 2), (1000, 7, 3), (60_000, 16_384, 1),
+                                       (60_000, 20, 8), (101, 4, 5)])
+def test_the_order_is_what_distributed_sampler_deals_each_rank(n, b, world):
+    """EpochOrder computes the sampler's order with tensor ops; the sampler is the spec (the
+    same seed must give the same batches as before, or a resumed run would change course)."""
+    steps = n // (b * world)
+    for seed, epoch in ((0, 0), (0, 3), (7, 1)):
+        for rank, got in enumerate(_rank_orders(n, b, world, seed, epoch)):
+            sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                         drop_last=False)
+            sampler.set_epoch(epoch)
+            assert got.is_contiguous()
+            assert got.flatten().tolist() == list(sampler)[: steps * b], (seed, epoch, rank)
 
 
 def test_every_sample_used_once_when_batches_divide():
