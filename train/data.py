@@ -106,13 +106,14 @@ class EpochOrder:
     def epoch_indices(self, epoch: int, device: torch.device) -> torch.Tensor:
         """This rank's sample indices for `epoch`, shape (steps_per_epoch, per_device_batch_size).
 
-        The positions DistributedSampler(shuffle=True, seed, drop_last=False) deals this rank
-        at `epoch` (tests/test_data.py holds the two equal): the same seeded permutation, of
-        which this rank takes positions rank, rank + world, rank + 2 world, ... Its padding lies past the last global
-        batch, so it never enters. Tensor ops, not the sampler's iterator: that builds Python
-        lists, 11 ms against 0.9 for MNIST here (bench/epoch_order.py), at the start of each
-        epoch, after the previous one's checkpoint synced the device, so the device waits for
-        it; at batch 16,384 an epoch is 3 steps, about 55 ms of an H100's kernels.
+        What DistributedSampler(shuffle=True, seed, drop_last=False) deals this rank at
+        `epoch` (tests/test_data.py holds the two equal): the same seeded permutation, of which
+        the rank takes positions rank, rank + world, rank + 2 world, ...; the sampler's padding
+        lies past the last global batch and never enters. Tensor ops, not the sampler's
+        iterator, which builds Python lists: 0.9 ms against 11 for MNIST here
+        (bench/epoch_order.py). It runs when an epoch starts, after the previous epoch's
+        checkpoint synced the device, so the device waits for it; at batch 16,384 an epoch is
+        3 steps, about 55 ms of an H100's kernels.
         """
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_samples, generator=generator)
