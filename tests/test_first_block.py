@@ -23,6 +23,7 @@ from conftest import REPO, load_weights, read_metrics, run_main
 from train.config import ConfigError, load_config
 from train.first_block import FusedFirstBlock, first_block, first_block_backward, fuse_first_block
 from train.model import ConvDenoiser, UNet
+from train.thin_conv import pad_thin_convs
 
 SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
 PROBE = REPO / "tests" / "probes" / "first_block_probe.py"
@@ -37,9 +38,11 @@ def _digits(n: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.
     return x
 
 
-def _fused_against_plain(device: str, precision: str, channels_last: bool, compiled: bool = False):
+def _fused_against_plain(device: str, precision: str, channels_last: bool, compiled: bool = False,
+                         padded: bool = False):
     """(output, parameter gradients, state-dict names) of the reference model and of its copy
-    with the fused first block, after one forward and backward pass on the same batch."""
+    with the fused first block, after one forward and backward pass on the same batch.
+    `padded`: the copy's other thin conv (the last) padded too, as the job does after fusing."""
     torch.manual_seed(0)
     dtype = torch.float64 if device == "cpu" and precision == "no" else torch.float32
     plain = ConvDenoiser().to(device, dtype)
@@ -51,6 +54,8 @@ def _fused_against_plain(device: str, precision: str, channels_last: bool, compi
             model = model.to(memory_format=torch.channels_last)
         if fuse:
             assert fuse_first_block(model, channels_last) == 1
+            if padded:  # the fused block is no plain nn.Conv2d: only the last conv is padded
+                assert pad_thin_convs(model, channels_last) == 1
             if compiled:
                 model.compile()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -60,9 +65,11 @@ def _fused_against_plain(device: str, precision: str, channels_last: bool, compi
     return results
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_the_fused_block_computes_what_nns_layers_do(channels_last):
-    (y, grads, names), (y_fused, grads_fused, names_fused) = _fused_against_plain("cpu", "no", channels_last)
+@pytest.mark.parametrize("padded", [False, True], ids=["last_plain", "last_padded"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_the_fused_block_computes_what_nns_layers_do(channels_last, padded):
+    (y, grads, names), (y_fused, grads_fused, names_fused) = _fused_against_plain("cpu", "no", channels_last,
+                                                                                  padded=padded)
     assert names_fused == names  # the same parameters: checkpoints do not change
     assert torch.allclose(y_fused, y, rtol=0, atol=1e-12)
     for g, g_fused in zip(grads, grads_fused, strict=True):
@@ -213,12 +220,14 @@ def test_the_triton_kernels_compute_what_the_reference_form_does_on_a_gpu():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_the_fused_model_computes_what_the_plain_one_does_on_a_gpu(precision, compiled):
+@pytest.mark.parametrize(("precision", "compiled", "padded"), [
+    ("no", False, False), ("no", True, False), ("bf16", False, False), ("bf16", True, False),
+    ("bf16", True, True),  # the benchmark's best setting with the block fused
+], ids=["fp32-eager", "fp32-compiled", "bf16-eager", "bf16-compiled", "bf16-compiled-padded"])
+def test_the_fused_model_computes_what_the_plain_one_does_on_a_gpu(precision, compiled, padded):
     """Against cuDNN: both round products to TF32 in fp32 (torch's default for convs), and the
     plain model's first conv to bf16 under autocast."""
-    (y, grads, _), (y_fused, grads_fused, _) = _fused_against_plain("cuda", precision, True, compiled)
+    (y, grads, _), (y_fused, grads_fused, _) = _fused_against_plain("cuda", precision, True, compiled, padded)
     tol = 2e-2 if precision == "bf16" else 1e-2
     assert (y_fused - y).abs().max() <= tol
     for g, g_fused in zip(grads, grads_fused, strict=True):
