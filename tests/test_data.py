@@ -7,7 +7,6 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from conftest import make_tiny_mnist
-
 from train.data import DataError, EpochOrder, eval_shard, load_mnist
 
 
