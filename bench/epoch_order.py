@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -68,7 +69,10 @@ def main() -> int:
         print(f"{r['per_device_batch']:>7} {r['processes']:>5} {r['steps_per_epoch']:>5} {r['sampler_ms']:>11} "
               f"{r['epoch_order_ms']:>14} {r['speedup_median']:>6}")
     if args.out:
-        report = {"command": " ".join(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        from bench.results import machine
+
+        report = {"machine": machine(), "cpu_count": os.cpu_count(), "command": " ".join(sys.argv),
+                  "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
