@@ -5,7 +5,9 @@ it, in which batch, after how many draws. Instead each pixel's noise comes from 
 counter-based hash of (seed, epoch, sample index, pixel), computed with integer tensor ops
 on the device that trains the batch: identical for 1 or 64 processes, any batch size, and
 after a resume, with nothing to checkpoint. A per-sample noise level comes from the same
-hash of (seed, epoch, sample index).
+hash of (seed, epoch, sample index). The hash and its uniforms are equal to the bit on any
+machine; the Gaussians go through log, sqrt and cos, which other kinds of CPU (AVX2 against
+AVX-512) or a GPU round differently, by about one float32 ulp.
 """
 
 from __future__ import annotations
