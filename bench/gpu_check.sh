@@ -60,6 +60,7 @@ if want profile20; then
     profile b20_graphs 90 300 $GRAPHS perf.cudnn_benchmark=true
 fi
 want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py \
+    tests/test_fault_tolerance.py \
     tests/test_first_block.py
 BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true perf.pad_thin_convs=true"
 FUSE="perf.fuse_first_block=true"

@@ -164,6 +164,42 @@ def test_signal_to_the_launcher_checkpoints_every_rank_at_one_step_and_resumes(m
     assert all(torch.equal(a[k], b[k]) for k in a), "a resume must be bit-exact on the same processes"
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # 3 ranks, so the vote is a sum, not just the other rank's flag; rank 2 alone is signalled.
+    vote = REPO / "tests" / "probes" / "stop_vote_probe.py"
+    _ok(subprocess.run(accelerate_cpu(3) + [str(vote), str(tmp_path), "2", "3", "7"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    ranks = [json.loads((tmp_path / f"vote-rank{r}.json").read_text()) for r in range(3)]
+    assert [r["world"] for r in ranks] == [3, 3, 3]
+    assert [r["signum"] is not None for r in ranks] == [False, False, True]
+    answers = ranks[0]["answers"]
+    assert all(r["answers"] == answers for r in ranks), "every rank must stop at the same call"
+    # The vote of the signalled call is read one call later, so no GPU waits for the host.
+    assert answers == [False] * 4 + [True] * 3
+    assert all(r["unsignalled"] == [False] * 7 for r in ranks)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_stop_vote_on_a_gpu_does_not_wait_for_the_step_queued_after_it():
+    from types import SimpleNamespace
+
+    from train.preemption import StopFlag
+
+    # Two ranks as the flag sees them; the all-reduce of a one-rank sum is a copy.
+    ranks = SimpleNamespace(num_processes=2, device=torch.device("cuda"), reduce=lambda t, reduction: t.clone())
+    flag = StopFlag()
+    assert not flag.any_rank_stopping(ranks)  # step 1's vote is queued
+    torch.cuda._sleep(2_000_000_000)  # step 2's work: ~1 s of GPU clock cycles
+    step_2_done = torch.cuda.Event()
+    step_2_done.record()
+    flag.signum = signal.SIGUSR1
+    assert not flag.any_rank_stopping(ranks)  # reads step 1's vote
+    assert not step_2_done.query(), "reading the previous vote waited for the step queued after it"
+    assert flag.any_rank_stopping(ranks)  # step 2's vote carried the signal
+    assert step_2_done.query()
+
 def test_signal_to_a_single_process_run(mnist_root, tmp_path):
     out = tmp_path / "run"
     args = SIGNAL_RUN + [f"data.root={mnist_root}", f"output_dir={out}"]

@@ -1,8 +1,8 @@
 """Stopping cleanly when the cluster asks: SIGTERM, SIGINT or SIGUSR1 (SLURM's usual warning).
 
-A signal only sets a flag. At the next optimizer-step boundary every rank learns whether any
-rank was signalled (one all-reduce), so all stop at the same step, save a checkpoint and exit
-with PREEMPTED_EXIT. A second signal stops at once, the usual way.
+A signal only sets a flag. At each optimizer-step boundary the ranks vote on it (one
+all-reduce); every rank reads the vote one step later, so all stop at the same step, save a
+checkpoint and exit with PREEMPTED_EXIT. A second signal stops at once, the usual way.
 
 Also here: fault injection for the crash tests (env DENOISE_FAULT), so a test can kill a run
 at an exact point instead of racing a timer.
@@ -34,6 +34,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous = {}
+        self._vote: _Vote | None = None  # the last step's vote, maybe still in flight
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -52,16 +53,44 @@ class StopFlag:
         self.signum = signum
 
     def any_rank_stopping(self, accelerator: Accelerator) -> bool:
-        """True on every rank if any rank was signalled. Call at the same step on all ranks."""
+        """True on every rank, at the same call, if any rank was signalled before the previous call.
+
+        Call once per optimizer step, at the same steps on all ranks. With several ranks each
+        call starts this step's vote and reads the previous step's, which the device finished
+        while the host queued this step: the host never waits for the step it has just queued,
+        so a GPU is never idle between steps for it. The price is a stop one step later.
+        """
         local = self.signum is not None
         if accelerator.num_processes == 1:
             return local
-        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0  # a sync: once per optimizer step
+        previous, self._vote = self._vote, _Vote(local, accelerator)
+        return previous is not None and previous.result()
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+
+
+class _Vote:
+    """One step's stop vote, summed over the ranks, read later without waiting for later work."""
+
+    def __init__(self, local: bool, accelerator: Accelerator) -> None:
+        # torch.full fills on the device: unlike torch.tensor([...], device=...) it needs no
+        # blocking host-to-device copy. On a GPU the all-reduce is queued, not waited for.
+        total = accelerator.reduce(torch.full((1,), float(local), device=accelerator.device), reduction="sum")
+        self._done: torch.cuda.Event | None = None
+        if total.device.type == "cuda":  # copy the sum out behind the all-reduce, mark the point
+            self._sum = torch.empty(1, pin_memory=True).copy_(total, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:  # gloo on the CPU: the all-reduce has already returned the sum
+            self._sum = total
+
+    def result(self) -> bool:
+        """True if any rank voted to stop. Waits only for the work queued before the vote."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._sum.item() > 0  # a host tensor by now: no device sync
 
 
 def maybe_inject_fault(point: str, step: int, rank: int) -> None:
