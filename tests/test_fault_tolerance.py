@@ -129,13 +129,31 @@ SIGNAL_RUN = ["--config", "configs/debug.yaml", "data.train_samples=4000", "data
 FORWARD = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
 
 
+def _signal_run_args(mnist_root: Path, out: Path, nproc: int) -> list[str]:
+    return SIGNAL_RUN + [f"data.root={mnist_root}", f"output_dir={out}", f"train.per_device_batch_size={20 // nproc}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_root, tmp_path_factory):
+    """`uninterrupted(nproc)`: the final weights of SIGNAL_RUN on nproc ranks, run once per nproc."""
+    weights = {}
+
+    def get(nproc: int) -> dict:
+        if nproc not in weights:
+            out = tmp_path_factory.mktemp(f"uninterrupted{nproc}") / "run"
+            _ok(run_main(_signal_run_args(mnist_root, out, nproc), launcher=accelerate_cpu(nproc), env=FORWARD))
+            weights[nproc] = load_weights(out)
+        return weights[nproc]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signame,nproc", [("SIGTERM", 2), ("SIGUSR1", 2), ("SIGINT", 4)])
-def test_signal_to_the_launcher_checkpoints_every_rank_at_one_step_and_resumes(mnist_root, tmp_path, signame,
-                                                                                nproc):
+def test_signal_to_the_launcher_checkpoints_every_rank_at_one_step_and_resumes(mnist_root, tmp_path, uninterrupted,
+                                                                                signame, nproc):
     out = tmp_path / "run"
-    args = SIGNAL_RUN + [f"data.root={mnist_root}", f"output_dir={out}", f"train.per_device_batch_size={20 // nproc}"]
-    cmd = accelerate_cpu(nproc) + [str(MAIN)] + args
+    cmd = accelerate_cpu(nproc) + [str(MAIN)] + _signal_run_args(mnist_root, out, nproc)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **FORWARD}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_metrics(out, proc, lines=2)
@@ -156,11 +174,7 @@ def test_signal_to_the_launcher_checkpoints_every_rank_at_one_step_and_resumes(m
     assert steps == sorted(set(steps)) and steps[-1] == 200 and lines[-1]["step"] == 200
 
     # The same run without interruption, on as many processes, ends with the same weights.
-    ref = tmp_path / "ref"
-    ref_args = [a for a in args if not a.startswith("output_dir=")] + [f"output_dir={ref}"]
-    _ok(subprocess.run(accelerate_cpu(nproc) + [str(MAIN)] + ref_args, cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300))
-    a, b = load_weights(out), load_weights(ref)
+    a, b = load_weights(out), uninterrupted(nproc)
     assert all(torch.equal(a[k], b[k]) for k in a), "a resume must be bit-exact on the same processes"
 
 
