@@ -51,11 +51,11 @@ TARGET_PSNR_DB = 21.0  # issue 7's bar for the stronger model
 EVAL_SEED = 1234  # the fixed test noise (noise.eval_seed's default): every model sees the same noisy digits
 
 
-def machine() -> str:
-    """The hardware a run used, in words."""
+def machine(device: str | None = None) -> str:
+    """The hardware a run used, in words: the GPU's, or with device "cpu" or no GPU, the CPU's."""
     import torch
 
-    if torch.cuda.is_available():
+    if device != "cpu" and torch.cuda.is_available():
         return f"1x {torch.cuda.get_device_name(0)}"
     name = platform.processor() or "cpu"
     try:
@@ -65,7 +65,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} vCPUs"
+    # The vector unit torch's CPU kernels use (AVX2, AVX512...): machines of one name differ.
+    return f"{name}, {os.cpu_count()} vCPUs, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def train(name: str, work: Path, data_root: str, extra: list[str], note: str = "") -> dict:

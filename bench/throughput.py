@@ -362,7 +362,9 @@ def main() -> int:
 
     import torch
 
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or "cpu")
+    from bench.results import machine as described
+
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else described("cpu")
     machine = {"device": device_name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     report: dict = {"machine": machine, "command": " ".join(sys.argv)}
