@@ -193,7 +193,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert all(r["unsignalled"] == [False] * 7 for r in ranks)
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_stop_vote_on_a_gpu_does_not_wait_for_the_step_queued_after_it():
@@ -213,6 +212,7 @@ def test_the_stop_vote_on_a_gpu_does_not_wait_for_the_step_queued_after_it():
     assert not step_2_done.query(), "reading the previous vote waited for the step queued after it"
     assert flag.any_rank_stopping(ranks)  # step 2's vote carried the signal
     assert step_2_done.query()
+
 
 def test_signal_to_a_single_process_run(mnist_root, tmp_path):
     out = tmp_path / "run"

@@ -53,12 +53,13 @@ class StopFlag:
         self.signum = signum
 
     def any_rank_stopping(self, accelerator: Accelerator) -> bool:
-        """True on every rank, at the same call, if any rank was signalled before the previous call.
+        """True on every rank, from the same call on, once any rank was signalled by its previous call.
 
         Call once per optimizer step, at the same steps on all ranks. With several ranks each
-        call starts this step's vote and reads the previous step's, which the device finished
-        while the host queued this step: the host never waits for the step it has just queued,
-        so a GPU is never idle between steps for it. The price is a stop one step later.
+        call starts this step's vote and reads the previous step's: the host waits at most for
+        the work queued before that vote, never for the step it has just queued, so a GPU
+        still has that step to run while the host queues the next. The price is a stop one
+        step later.
         """
         local = self.signum is not None
         if accelerator.num_processes == 1:
