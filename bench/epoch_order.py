@@ -71,7 +71,7 @@ def main() -> int:
     if args.out:
         from bench.results import machine
 
-        report = {"machine": machine(), "cpu_count": os.cpu_count(), "command": " ".join(sys.argv),
+        report = {"machine": machine("cpu"), "cpu_count": os.cpu_count(), "command": " ".join(sys.argv),
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
