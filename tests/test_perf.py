@@ -124,7 +124,8 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_mnist, tmp_path):
 def test_cuda_graphs_refuse_what_a_capture_cannot_hold(device, processes, accumulation, precision, problem):
     from types import SimpleNamespace
 
-    from train.distributed import LaunchError, check_perf
+    from train.distributed import LaunchError
+    from train.perf import check_perf
 
     cfg = load_config(None, ["perf.cuda_graphs=true", f"train.gradient_accumulation_steps={accumulation}"])
     scheduled = load_config(None, ["perf.cuda_graphs=true", "train.lr_schedule=cosine"])
@@ -190,6 +191,29 @@ def test_only_thin_plain_convs_are_padded():
                                 torch.nn.ConvTranspose2d(4, 1, 2), torch.nn.Conv2d(4, 1, 1))
     assert pad_thin_convs(model, channels_last=False) == 2
     assert [type(m) is PaddedConv2d for m in model] == [True, False, False, False, True]
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_apply_perf_applies_each_setting_and_says_which_do_not_apply_here(precision, monkeypatch):
+    """The job's one path from `perf.*` to the model: the fusing before the padding (which
+    matches plain convs only), cuDNN's kernel choice, and a note for what does not apply."""
+    from train.first_block import FusedFirstBlock
+    from train.perf import apply_perf
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    model = ConvDenoiser()
+    names = list(model.state_dict())
+    perf = load_config(None, ["perf.fuse_first_block=true", "perf.pad_thin_convs=true"]).perf
+    notes = apply_perf(model, perf, "cpu", precision)
+    assert type(model.encoder[0]) is FusedFirstBlock and type(model.decoder[6]) is PaddedConv2d
+    assert model.decoder[6].weight.is_contiguous(memory_format=torch.channels_last)  # perf.channels_last's default
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert list(model.state_dict()) == names  # checkpoints do not change
+    assert any(n.startswith("perf.fuse_first_block on cpu") for n in notes)
+    cpu_forms = type(model.decoder[2]) is not torch.nn.ConvTranspose2d  # kernel 2, stride 2: a CPU form
+    assert cpu_forms == (precision == "no")
+    assert any(n.startswith("perf.cpu_layers not applied: mixed precision bf16") for n in notes) == (precision == "bf16")
 
 
 # -- on a GPU ------------------------------------------------------------------------------

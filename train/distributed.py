@@ -9,7 +9,6 @@ Two launch mistakes are caught here rather than trained through:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from datetime import timedelta
 
@@ -17,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
 
-from train.config import MIXED_PRECISIONS, PerfConfig, TrainConfig
+from train.config import MIXED_PRECISIONS
 from train.errors import UserError
 
 
@@ -69,28 +68,6 @@ def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> 
     # torchrun and accelerate launch tell each process the world size they started.
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
-
-
-def check_perf(perf: PerfConfig, train: TrainConfig, accelerator: Accelerator) -> None:
-    """Refuse speed settings this launch cannot honour, before any work is done."""
-    if perf.fuse_first_block and accelerator.device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise LaunchError("perf.fuse_first_block=true needs Triton on a GPU and it is not installed: "
-                          "pip install triton, or set perf.fuse_first_block=false")
-    if not perf.cuda_graphs:
-        return
-    problems = []
-    if accelerator.device.type != "cuda":
-        problems.append("a CUDA GPU (there is none)")
-    if accelerator.num_processes > 1:
-        problems.append(f"one process (this launch has {accelerator.num_processes}; DDP's hooks are not captured)")
-    if train.gradient_accumulation_steps > 1:
-        problems.append("train.gradient_accumulation_steps=1")
-    if accelerator.mixed_precision == "fp16":
-        problems.append("no fp16 (its loss scaler decides on the host; use bf16)")
-    if train.lr_schedule != "constant" or train.warmup_steps > 0:
-        problems.append("train.lr_schedule=constant and train.warmup_steps=0 (the captured step keeps its learning rate)")
-    if problems:
-        raise LaunchError(f"perf.cuda_graphs=true needs {'; '.join(problems)}: set perf.cuda_graphs=false or fix that")
 
 
 def describe(accelerator: Accelerator) -> dict[str, object]:

@@ -141,7 +141,7 @@ class Trainer:
         self.seconds = {"evaluation": 0.0, "checkpoints": 0.0}  # wall time of this process, by activity
         self.counts = {"evaluation": 0, "checkpoints": 0}
         self.captured: CapturedStep | None = None
-        if cfg.perf.cuda_graphs:  # distributed.check_perf allowed it: one process, no accumulation
+        if cfg.perf.cuda_graphs:  # perf.check_perf allowed it: one process, no accumulation
             t0 = time.perf_counter()
             shape = (tc.per_device_batch_size, *train_split.images.shape[1:])
             self.captured = CapturedStep(self._graph_step, torch.rand(shape, device=accelerator.device), model,

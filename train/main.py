@@ -20,7 +20,9 @@ non-zero status into 1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -75,21 +77,17 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
 
     cfg = load_config(args.config, args.overrides)  # all config errors before any heavy import
 
-    import json
-
     import torch
 
     from train import checkpoint
     from train.config import save_config
-    from train.cpu_layers import cpu_layers_unsupported, use_cpu_layers
     from train.data import load_mnist
-    from train.distributed import build_accelerator, check_perf, describe
-    from train.first_block import fuse_first_block
+    from train.distributed import build_accelerator, describe
     from train.host_memory import keep_freed_host_memory
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
+    from train.perf import apply_perf, check_perf
     from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag
-    from train.thin_conv import pad_thin_convs
     from train.tracking import build_tracker
 
     # Before the data and the model allocate anything: from here freed host memory is reused.
@@ -99,7 +97,6 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     check_perf(cfg.perf, cfg.train, accelerator)
     output_dir = Path(cfg.output_dir)
-    setup = describe(accelerator)
     resume_from = _prepare_output_dir(accelerator, cfg, checkpoint)
     if accelerator.is_main_process:
         outcome.set_output_dir(output_dir)
@@ -110,74 +107,33 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
         train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
                                              cfg.data.train_samples, cfg.data.test_samples)
 
-    # Deterministic cuDNN kernels unless autotuning is asked for: with them a GPU run repeats
-    # bit for bit, and a resumed run ends where an uninterrupted one would.
-    torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
-    torch.backends.cudnn.deterministic = not cfg.perf.cudnn_benchmark
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model.name, **cfg.model.settings())
-    if cfg.perf.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
-    if cfg.perf.fuse_first_block:
-        fuse_first_block(model, cfg.perf.channels_last)  # the config checked that the model has the block
-    if cfg.perf.pad_thin_convs:  # after the fusing, which matches plain nn.Conv2d layers only
-        pad_thin_convs(model, cfg.perf.channels_last)
-    cpu_layers_off = cpu_layers_unsupported(accelerator.device.type, accelerator.mixed_precision, cfg.perf.compile)
-    if cfg.perf.cpu_layers and not cpu_layers_off:
-        use_cpu_layers(model)  # faster CPU forms of two layers; the same parameters and names
-    if cfg.perf.compile:
-        # In place: parameter names and checkpoints stay those of the eager model.
-        model.compile(mode=cfg.perf.compile_mode)
+    notes = apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
+    if cfg.perf.reuse_host_memory and not kept_host_memory:
+        notes.append("perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
+                     "so malloc keeps its own settings")
     global_batch = cfg.train.per_device_batch_size * accelerator.num_processes * cfg.train.gradient_accumulation_steps
     lr = cfg.train.effective_lr(global_batch)
-    setup.update(global_batch=global_batch, lr=lr)
+    setup = {**describe(accelerator), "global_batch": global_batch, "lr": lr}
     optimizer = build_optimizer(model, lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    compat = {
-        "model.name": cfg.model.name,
-        **({"model.settings": cfg.model.settings()} if cfg.model.settings() else {}),  # they set the weights' shapes
-        "global_micro_batch": cfg.train.per_device_batch_size * accelerator.num_processes,
-        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
-        "train.seed": cfg.train.seed,
-        "data.train_samples": cfg.data.train_samples,
-        "mixed_precision": accelerator.mixed_precision,
-    }
-    tc = cfg.train
-    if tc.lr_schedule != "constant" or tc.warmup_steps:  # the learning rate of each step depends on these
-        compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
-                       "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
-    state = checkpoint.TrainerState(compat=compat)
+    state = checkpoint.TrainerState(compat=_checkpoint_compat(cfg, accelerator))
     if resume_from is not None:
-        state = checkpoint.load(accelerator, resume_from, compat,
+        state = checkpoint.load(accelerator, resume_from, state.compat,
                                 defaults={"model.settings": cfg.model.default_settings()})
     if accelerator.is_main_process:  # only now: a refused resume leaves the folder as it was
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
         outcome.record("running", 0)
     if not state.run_id:
-        import secrets
-
         state.run_id = secrets.token_hex(4)  # the wandb run id; only the main process uses it
 
     tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
                             resume_step=state.step if resume_from is not None else None)
-    tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
-    n_params = sum(p.numel() for p in model.parameters())
-    tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {output_dir}")
-    tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}")
-    tracker.info(f"global batch {global_batch} images per optimizer step, lr {lr:g} (train.lr_scaling={cfg.train.lr_scaling}, "
-                 f"train.lr_schedule={cfg.train.lr_schedule}, {cfg.train.warmup_steps} warm-up steps); "
-                 f"perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
-    if cfg.perf.reuse_host_memory and not kept_host_memory:
-        tracker.info("perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
-                     "so malloc keeps its own settings")
-    if cfg.perf.fuse_first_block and accelerator.device.type != "cuda":
-        tracker.info(f"perf.fuse_first_block on {accelerator.device.type}: the first block runs as plain tensor ops "
-                     "(the form its GPU kernels are checked against), slower than the library's conv")
-    if cfg.perf.cpu_layers and cpu_layers_off:
-        tracker.info(f"perf.cpu_layers not applied: {cpu_layers_off}")
+    _log_start(tracker, cfg, setup, model, notes)
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
 
@@ -196,6 +152,40 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     accelerator.end_training()
     outcome.record("completed", 0)
     return 0
+
+
+def _checkpoint_compat(cfg, accelerator) -> dict[str, object]:
+    """What a checkpoint must share with this run to resume it: the weights' shapes, the
+    global micro-batch and the accumulation (which fix the data order), the seed, the data,
+    the precision, and where the learning rate depends on the step, its schedule."""
+    tc = cfg.train
+    compat = {
+        "model.name": cfg.model.name,
+        **({"model.settings": cfg.model.settings()} if cfg.model.settings() else {}),  # they set the weights' shapes
+        "global_micro_batch": tc.per_device_batch_size * accelerator.num_processes,
+        "train.gradient_accumulation_steps": tc.gradient_accumulation_steps,
+        "train.seed": tc.seed,
+        "data.train_samples": cfg.data.train_samples,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+    if tc.lr_schedule != "constant" or tc.warmup_steps:  # the learning rate of each step depends on these
+        compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
+                       "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
+    return compat
+
+
+def _log_start(tracker, cfg, setup: dict[str, object], model, notes: list[str]) -> None:
+    """The run's settings as they are in effect, first in the log."""
+    tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
+    n_params = sum(p.numel() for p in model.parameters())
+    tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {cfg.output_dir}")
+    tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}")
+    tc = cfg.train
+    tracker.info(f"global batch {setup['global_batch']} images per optimizer step, lr {setup['lr']:g} "
+                 f"(train.lr_scaling={tc.lr_scaling}, train.lr_schedule={tc.lr_schedule}, {tc.warmup_steps} warm-up "
+                 f"steps); perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
+    for note in notes:
+        tracker.info(note)
 
 
 def _prepare_output_dir(accelerator, cfg, checkpoint) -> Path | None:
