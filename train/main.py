@@ -156,8 +156,9 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
 
 def _checkpoint_compat(cfg, accelerator) -> dict[str, object]:
     """What a checkpoint must share with this run to resume it: the weights' shapes, the
-    global micro-batch and the accumulation (which fix the data order), the seed, the data,
-    the precision, and where the learning rate depends on the step, its schedule."""
+    global micro-batch (which fixes the data order) and the accumulation (which groups it
+    into optimizer steps), the seed, the data, the precision, and where the learning rate
+    depends on the step, its schedule."""
     tc = cfg.train
     compat = {
         "model.name": cfg.model.name,
