@@ -44,8 +44,10 @@ MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$FIRST_NODE" | grep -o 'NodeAdd
 MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
 MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}  # per job: jobs sharing a node don't collide
 export NUM_MACHINES=$NODES MASTER_ADDR MASTER_PORT
-# Training records its outcome here (the launcher's exit status cannot tell "preempted").
-export DENOISE_STATUS_FILE=$OUTPUT_DIR/status.json
+# Training records this job's outcome here (the launcher's exit status cannot tell "preempted"),
+# from the first line on, config errors included; OUTPUT_DIR/status.json keeps the run's own
+# record, which a job refused at start-up must not touch.
+export DENOISE_STATUS_FILE=$OUTPUT_DIR/.status-job$SLURM_JOB_ID.json
 mkdir -p "$OUTPUT_DIR"
 rm -f "$DENOISE_STATUS_FILE"
 
@@ -66,6 +68,7 @@ done
 
 read -r outcome code < <("${PYTHON:-python}" -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["outcome"], s["exit_code"])' \
     "$DENOISE_STATUS_FILE" 2>/dev/null || echo missing 1)
+rm -f "$DENOISE_STATUS_FILE"
 echo "[slurm] training ended: $outcome (srun status $rc)"
 case "$outcome" in
     completed)
@@ -82,5 +85,7 @@ case "$outcome" in
         exit "$code" ;;
     *)  # no status, or still "running": killed (OOM, node failure) - not requeued
         echo "[slurm] training ended without recording an outcome: not requeued"
+        # Every rank has ended, so a "running" in the run's status.json is stale: record "failed".
+        PYTHONPATH="$REPO" "${PYTHON:-python}" -m train.status "$OUTPUT_DIR" >/dev/null 2>&1
         exit $(( rc == 0 ? 1 : rc )) ;;
 esac

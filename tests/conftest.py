@@ -64,6 +64,20 @@ def run_main(args: list[str], launcher: list[str] | None = None, env: dict[str, 
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def start_main(args: list[str], launcher: list[str] | None = None, env: dict[str, str] | None = None,
+               **popen: object) -> subprocess.Popen:
+    """Start the real entry point in the background (text pipes for stdout and stderr)."""
+    cmd = (launcher or [sys.executable]) + [str(MAIN)] + args
+    full_env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **(env or {})}
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, text=True, **popen)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error:` lines a run printed (one per failure, whatever the number of ranks)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
 def accelerate_cpu(num_processes: int) -> list[str]:
     """`accelerate launch` forming a real gloo group of N CPU processes."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",

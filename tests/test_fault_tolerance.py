@@ -86,6 +86,56 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(mnist_r
     _assert_same_as(out, straight)
 
 
+def test_a_torn_metrics_tail_is_repaired_on_resume(mnist_root, tmp_path, straight):
+    out = tmp_path / "run"
+    args = RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
+    assert run_main(args, env={"DENOISE_FAULT": "after_step:13"}).returncode == -signal.SIGKILL
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 12, "epoch": 0, "train/lo')  # the tail a kill or a full disk leaves mid-write
+    r = _ok(run_main(args))
+    assert "metrics.jsonl: dropped 1 damaged line(s) (34 bytes, written as the run was killed or the disk filled)" in r.stdout
+    _assert_same_as(out, straight)
+
+
+def test_every_checkpoint_damaged_is_refused_and_nothing_is_deleted(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    args = RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
+    assert run_main(args, env={"DENOISE_FAULT": "after_step:30"}).returncode == -signal.SIGKILL
+    for ckpt in (out / "checkpoints").glob("step_*"):
+        (ckpt / "optimizer.bin").write_bytes(b"damaged")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run_main(args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: every checkpoint in {out / 'checkpoints'} is damaged (step_00000024: optimizer.bin "
+                           f"does not match its checksum") and line.endswith("nothing was deleted"), line
+    # status.json is settled from the killed run's "running" to "failed", run.lock names the
+    # refused run that held it for a moment; nothing else changes.
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in ("status.json", "run.lock")}
+    assert after == {p: b for p, b in before.items() if p.name not in ("status.json", "run.lock")}
+
+
+def test_pruning_never_deletes_an_intact_checkpoint_for_a_damaged_one(tmp_path):
+    from train.checkpoint import MANIFEST, _file_digest, _prunable
+
+    def checkpoint(step: int, damaged: bool = False) -> None:
+        path = tmp_path / "checkpoints" / f"step_{step:08d}"
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"weights %d" % step)
+        (path / MANIFEST).write_text(json.dumps({"model.safetensors": _file_digest(path / "model.safetensors")}))
+        if damaged:
+            (path / "model.safetensors").write_bytes(b"torn")
+
+    for step, damaged in ((8, False), (16, False), (24, True), (32, True), (40, False)):
+        checkpoint(step, damaged)
+    # keep_last=2: the two newest intact ones are 40 and 16; older ones go, damaged or not, and
+    # the damaged 24 and 32 between them stay (nothing newer than a kept one is deleted).
+    assert [p.name for p in _prunable(tmp_path, 2)] == ["step_00000008"]
+    assert [p.name for p in _prunable(tmp_path, 3)] == []
+    assert [p.name for p in _prunable(tmp_path, 1)] == ["step_00000008", "step_00000016", "step_00000024",
+                                                        "step_00000032"]
+
+
 def test_explicit_damaged_checkpoint_is_an_error(mnist_root, tmp_path, straight):
     ckpt = tmp_path / "copy"
     shutil.copytree(straight / "checkpoints" / "step_00000040", ckpt)
@@ -103,10 +153,12 @@ def test_resuming_with_settings_that_change_the_meaning_is_refused(mnist_root, t
     r = run_main(base + ["train.per_device_batch_size=10", "train.seed=4"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "global_micro_batch: saved 20, now 10" in r.stderr and "train.seed: saved 0, now 4" in r.stderr
-    # Nothing saved was touched (status.json aside, which records the failure).
-    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "status.json"}
-    assert after == {p: b for p, b in before.items() if p.name != "status.json"}
-    assert _status(out)["outcome"] == "failed" and _status(out)["exit_code"] == 2
+    assert "restore them (train.per_device_batch_size=20 train.seed=0)" in r.stderr
+    # Nothing saved was touched, status.json included: it still records the finished run.
+    # (run.lock names whoever holds the folder: the refused run did, for a moment.)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
+    assert after == {p: b for p, b in before.items() if p.name != "run.lock"}
+    assert _status(out)["outcome"] == "completed"
     # A harmless change (more epochs, other logging) continues the run.
     r = _ok(run_main(base + ["logging.every_n_steps=10"]))
     assert "resuming from" in r.stdout and read_metrics(out)[-1]["step"] == 60

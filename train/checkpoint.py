@@ -4,8 +4,10 @@ Layout: OUTPUT_DIR/checkpoints/step_00001234/ holding accelerate's files (model,
 scaler, per-rank RNG states), `trainer_state.json` and `manifest.json` (size and SHA-256 of
 every other file). Each is written into a temporary folder that is renamed into place only
 after every rank has finished writing, so a crash mid-write leaves only a `.tmp-*` folder
-(removed by the next save). A folder damaged later (disk full, truncated copy) fails its
-manifest check; `resume=auto` then reports it and takes the previous good checkpoint.
+(removed when the next run starts, or by the next save). A folder damaged later (disk full,
+truncated copy) fails its manifest check; `resume=auto` then reports it and takes the
+previous good checkpoint, and refuses to start when every checkpoint is damaged. Pruning
+keeps the newest `keep_last` intact checkpoints and never deletes one for a damaged one.
 Checkpoints live on a filesystem all ranks share (as `output_dir` does on a cluster).
 """
 
@@ -62,6 +64,16 @@ def has_checkpoints(output_dir: Path) -> bool:
     return bool(_step_dirs(output_dir))
 
 
+def remove_unfinished(output_dir: Path) -> list[str]:
+    """Delete the `.tmp-*` folders of saves that never finished (a crash, a full disk).
+    Only while holding the run lock: another run's save in progress looks the same."""
+    root = output_dir / CHECKPOINTS
+    leftovers = sorted(root.glob(".tmp-step_*")) if root.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return [f"removed {path}, a checkpoint whose writing never finished" for path in leftovers]
+
+
 def _file_digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
@@ -87,11 +99,19 @@ def find_resume(output_dir: Path, resume: str, warn=print) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
+        damaged = []
         for path in reversed(_step_dirs(output_dir)):
             problem = verify(path)
             if problem is None:
                 return path
             warn(f"checkpoint {path} is damaged ({problem}); falling back to the one before it")
+            damaged.append(f"{path.name}: {problem}")
+        if damaged:  # starting afresh would bury the run's work under new checkpoints
+            raise CheckpointError(
+                f"every checkpoint in {output_dir / CHECKPOINTS} is damaged ({'; '.join(damaged)}): restore one "
+                f"from a backup, give an intact copy as checkpoint.resume=PATH, or start afresh in a new output_dir; "
+                f"nothing was deleted"
+            )
         return None
     path = Path(resume)
     if not ((path / MANIFEST).exists() or (path / STATE_FILE).exists()):
@@ -122,10 +142,20 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. after a resume)
         os.replace(tmp, final)
-        for old in _step_dirs(output_dir)[:-keep_last]:
+        for old in _prunable(output_dir, keep_last):
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _prunable(output_dir: Path, keep_last: int) -> list[Path]:
+    """Checkpoints older than the newest `keep_last` intact ones (damaged or not): a damaged
+    checkpoint never counts towards `keep_last`, and nothing newer than those is deleted."""
+    intact = [p for p in reversed(_step_dirs(output_dir)) if verify(p) is None][:keep_last]
+    if len(intact) < keep_last:
+        return []
+    oldest_kept = int(intact[-1].name[5:])
+    return [p for p in _step_dirs(output_dir) if int(p.name[5:]) < oldest_kept]
 
 
 def _differs(saved: object, now: object, default: object) -> bool:
@@ -135,6 +165,21 @@ def _differs(saved: object, now: object, default: object) -> bool:
     if isinstance(saved, dict) and isinstance(now, dict) and isinstance(default, dict):
         return any(saved.get(k, default.get(k)) != now.get(k, default.get(k)) for k in saved.keys() | now.keys())
     return saved != now
+
+
+def _restoring_overrides(keys: list[str], saved: dict, num_processes: int) -> list[str]:
+    """The overrides that give back the saved values of `keys`, where one config key does it."""
+    fixes = []
+    for key in keys:
+        value = saved.get(key)
+        if key == "global_micro_batch" and isinstance(value, int):
+            if value % num_processes == 0:  # the per-device batch that keeps it on this many processes
+                fixes.append(f"train.per_device_batch_size={value // num_processes}")
+        elif key == "mixed_precision":
+            fixes.append(f"train.mixed_precision={value}")
+        elif "." in key and isinstance(value, (int, float, str)):
+            fixes.append(f"{key}={value}")
+    return fixes
 
 
 def load(accelerator: Accelerator, path: Path, compat: dict, defaults: dict | None = None) -> TrainerState:
@@ -151,9 +196,10 @@ def load(accelerator: Accelerator, path: Path, compat: dict, defaults: dict | No
                        if _differs(state.compat.get(k), compat.get(k), defaults.get(k)))
     if differing:
         pairs = ", ".join(f"{k}: saved {state.compat.get(k)!r}, now {compat.get(k)!r}" for k in differing)
+        fixes = " ".join(_restoring_overrides(differing, state.compat, accelerator.num_processes))
         raise CheckpointError(
-            f"checkpoint {path} was made with other settings ({pairs}): restore them, "
-            f"or start afresh in a new output_dir"
+            f"checkpoint {path} was made with other settings ({pairs}): restore them"
+            f"{f' ({fixes})' if fixes else ''}, or start afresh in a new output_dir"
         )
     try:
         accelerator.load_state(str(path))

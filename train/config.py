@@ -42,8 +42,11 @@ class DataConfig:
     """use only the first N training images (for quick runs and tests); 0 = all 60,000"""
     test_samples: int = 0
     """evaluate on only the first N test images; 0 = all 10,000 (the reported metrics)"""
+    download_timeout_s: float = 60.0
+    """seconds a download waits for an answer from a mirror before giving up on it (torchvision tries 2)"""
 
     def __post_init__(self) -> None:
+        _check(self.download_timeout_s > 0, "data.download_timeout_s", f"must be > 0, got {self.download_timeout_s}")
         _check(self.train_samples >= 0, "data.train_samples", "must be >= 0 (0 = all)")
         _check(self.test_samples >= 0, "data.test_samples", "must be >= 0 (0 = all)")
 

@@ -9,6 +9,8 @@ shard it twice.
 
 from __future__ import annotations
 
+import errno
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
 
 class DataError(UserError):
     """MNIST missing, unreadable or not what it should be."""
+
+    node_local = True  # nodes without a shared filesystem each read their own copy
 
 
 @dataclass
@@ -38,16 +42,27 @@ class Split:
         return self.images[indices].to(torch.float32).div_(255.0)
 
 
-def _load_split(root: Path, train: bool, download: bool) -> Split:
+def _why_download_failed(e: Exception, root: Path, timeout_s: float) -> str:
+    """What went wrong with a download, in a few words: torchvision wraps most of it in RuntimeError."""
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EROFS, errno.EACCES):
+        return f"it cannot be downloaded there: data.root {root} is not writable ({brief(e)})"
+    if isinstance(e, TimeoutError) or "timed out" in str(e):
+        return f"the download stalled: no answer within data.download_timeout_s={timeout_s:g} s (no network?)"
+    return f"the download failed (no network? {brief(e)})"
+
+
+def _load_split(root: Path, train: bool, download: bool, timeout_s: float) -> Split:
     from torchvision.datasets import MNIST  # deferred: torchvision is slow to import
 
     raw = root / "MNIST" / "raw"
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # urllib (inside torchvision) has no timeout of its own: it would wait forever
     try:
         ds = MNIST(root=str(root), train=train, download=download)
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, AssertionError...
         missing = not (raw.is_dir() and any(raw.iterdir()))
         if missing:
-            how = "download failed (no network?)" if download else "data.download is false"
+            how = _why_download_failed(e, root, timeout_s) if download else "data.download is false"
             raise DataError(
                 f"MNIST not found in {raw} and {how}: put the four MNIST IDX files there "
                 f"or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"
@@ -56,6 +71,8 @@ def _load_split(root: Path, train: bool, download: bool) -> Split:
             f"MNIST files in {raw} could not be read ({brief(e)}): "
             f"replace them with a good copy (delete them and set data.download=true, or point data.root elsewhere)"
         ) from e
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     images, labels = ds.data, ds.targets
     if images.dtype != torch.uint8 or images.shape[1:] != (28, 28) or len(images) == 0 or len(labels) != len(images):
         raise DataError(
@@ -66,15 +83,28 @@ def _load_split(root: Path, train: bool, download: bool) -> Split:
 
 
 def load_mnist(root: str, download: bool, device: torch.device, train_samples: int = 0,
-               test_samples: int = 0) -> tuple[Split, Split]:
-    """Both splits, truncated to the first N samples where N > 0, moved to `device` once."""
+               test_samples: int = 0, download_timeout_s: float = 60.0) -> tuple[Split, Split]:
+    """Both splits, truncated to the first N samples where N > 0 (all of them where the split
+    has fewer), moved to `device` once."""
     splits = []
     for train, limit in ((True, train_samples), (False, test_samples)):
-        split = _load_split(Path(root), train, download)
+        split = _load_split(Path(root), train, download, download_timeout_s)
         if limit:
             split = Split(split.images[:limit], split.labels[:limit])
         splits.append(Split(split.images.to(device), split.labels.to(device)))
     return splits[0], splits[1]
+
+
+def sample_limit_notes(data_cfg, train_split: Split, test_split: Split) -> list[str]:
+    """Notes for the log where data.train_samples / data.test_samples ask for more than a split
+    holds: the run uses all of it, and says so."""
+    notes = []
+    for key, asked, split in (("train", data_cfg.train_samples, train_split),
+                              ("test", data_cfg.test_samples, test_split)):
+        if asked > len(split):
+            notes.append(f"data.{key}_samples={asked} is more than the {len(split)} {key} images in "
+                         f"{data_cfg.root}: using all {len(split)}")
+    return notes
 
 
 class EpochOrder:

@@ -1,8 +1,10 @@
 """Building the `Accelerator`: device, process group and mixed precision, checked once.
 
-Two launch mistakes are caught here rather than trained through:
+Three launch mistakes are caught here rather than trained through:
 - N processes started on a machine without CUDA, where accelerate (unless told to use the
   CPU) gives each process a world of 1: N copies of the job train alone, silently.
+- `accelerate launch --num_processes N` without `--multi_gpu` (or with `--cpu`), which starts
+  ONE process: the job would train at 1/N of the asked-for scale, silently.
 - `train.mixed_precision` and `accelerate launch --mixed_precision` asking for different
   precisions, or fp16 where there is no CUDA (accelerate would silently run fp32).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -56,6 +59,33 @@ def check_world_size(launched: int, joined: int) -> None:
         )
 
 
+def launcher_args(pid: int) -> list[str]:
+    """The command line of process `pid` (on Linux; elsewhere, and for a gone process, [])."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def check_single_process_launch(args: list[str]) -> None:
+    """Refuse a lone process whose launcher (`args`) was asked for several: accelerate launch's
+    single-process path takes --num_processes and starts one process anyway."""
+    if not any(a.endswith("accelerate") or "accelerate.commands" in a for a in args) or "--multi_gpu" in args:
+        return
+    asked = None
+    for i, a in enumerate(args):
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(args):
+            asked = args[i + 1]
+        elif a.startswith(("--num_processes=", "--num-processes=")):
+            asked = a.split("=", 1)[1]
+    if asked is not None and asked.isdigit() and int(asked) > 1:
+        raise LaunchError(
+            f"accelerate launch --num_processes {asked} started ONE process: without --multi_gpu it runs a single "
+            f"process; add --multi_gpu (on a machine without GPUs: ACCELERATE_USE_CPU=true accelerate launch "
+            f"--multi_gpu --num_processes {asked} ...)"
+        )
+
+
 def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> Accelerator:
     cuda = torch.cuda.is_available()
     effective = resolve_mixed_precision(mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda)
@@ -67,6 +97,8 @@ def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> 
     accelerator = Accelerator(cpu=not cuda, mixed_precision=effective, kwargs_handlers=[timeout, autocast])
     # torchrun and accelerate launch tell each process the world size they started.
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
+    if accelerator.num_processes == 1:
+        check_single_process_launch(launcher_args(os.getppid()))
     return accelerator
 
 

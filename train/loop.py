@@ -207,6 +207,7 @@ class Trainer:
         if s.step >= total:
             self.tracker.info(f"nothing to do: the checkpoint is at step {s.step} of {total}")
             return
+        self.stop.deferred = True  # from here a stop request waits for the next optimizer step and its checkpoint
         self.tracker.progress(total=total, initial=s.step)
         window = _ThroughputWindow(self.accelerator, self.global_batch)
         started = time.perf_counter()

@@ -11,18 +11,20 @@
         --main_process_ip $MASTER_ADDR --main_process_port 29500 train/main.py
 
 Overrides follow the script as section.key=value (YAML scalars), e.g. train.epochs=3.
-Exit status: 0 done; 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run the
-same command to resume); 2 a mistake to fix (one line on stderr says which); 1 anything else.
+Exit status: 0 done; 75 stopped by SIGTERM/SIGINT/SIGUSR1/SIGHUP after saving a checkpoint (run
+the same command to resume); 2 a mistake to fix (one line on stderr says which); 1 anything else.
 OUTPUT_DIR/status.json records the same outcome for scripts (accelerate launch turns every
-non-zero status into 1).
+non-zero status into 1); `python -m train.status OUTPUT_DIR` reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from train.errors import UserError  # noqa: E402
+from train.errors import StopRequested, UserError, brief, disk_full  # noqa: E402
+from train.status import RunStatus  # noqa: E402
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -47,69 +50,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
 
 
-class _Outcome:
-    """Records how the run ended: in OUTPUT_DIR/status.json once the main process made that
-    folder, or from the start in $DENOISE_STATUS_FILE when a script set it (so even a config
-    error is recorded where slurm/denoise.sh looks). Only the global main process records,
-    except failures, which any rank may record: the launcher may kill rank 0 before it can."""
-
-    def __init__(self) -> None:
-        from_env = os.environ.get("DENOISE_STATUS_FILE")
-        self.path = Path(from_env) if from_env else None
-        self.is_main = os.environ.get("RANK", "0") == "0"
-        self.step: int | None = None
-
-    def set_output_dir(self, output_dir: Path) -> None:
-        if self.path is None:
-            from train.tracking import STATUS_FILE
-
-            self.path = output_dir / STATUS_FILE
-
-    def record(self, outcome: str, exit_code: int, message: str = "") -> None:
-        if self.path is not None and (self.is_main or outcome == "failed"):
-            from train.tracking import write_status
-
-            write_status(self.path, outcome, exit_code, self.step, message)
-
-
-def run(args: argparse.Namespace, outcome: _Outcome) -> int:
+def run(args: argparse.Namespace, status: RunStatus) -> int:
     from train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # all config errors before any heavy import
+    output_dir = status.output_dir = Path(cfg.output_dir)
 
     import torch
 
     from train import checkpoint
     from train.config import save_config
-    from train.data import load_mnist
+    from train.data import load_mnist, sample_limit_notes
     from train.distributed import build_accelerator, describe
     from train.host_memory import keep_freed_host_memory
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.perf import apply_perf, check_perf
-    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag
+    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, watch_launcher
     from train.tracking import build_tracker
 
     # Before the data and the model allocate anything: from here freed host memory is reused.
     kept_host_memory = cfg.perf.reuse_host_memory and keep_freed_host_memory()
-    stop = StopFlag()
-    stop.install()  # from here on a stop signal is honoured at the next optimizer step
+    stop = StopFlag(on_abort=lambda signum: status.record(
+        "failed", 128 + signum, f"stopped at once by a second stop signal ({signal.Signals(signum).name}); "
+                                f"run the same command to resume from the last intact checkpoint"))
+    stop.install()  # from here on a stop signal ends start-up at once, or training at the next step
+    watch_launcher(stop, on_give_up=lambda: status.record(
+        "failed", 1, "the launcher died and this worker could not stop cleanly in time"))
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     check_perf(cfg.perf, cfg.train, accelerator)
-    output_dir = Path(cfg.output_dir)
-    resume_from = _prepare_output_dir(accelerator, cfg, checkpoint)
-    if accelerator.is_main_process:
-        outcome.set_output_dir(output_dir)
+    notes = _claim_output_dir(accelerator, output_dir)
+    resume_from = _pick_resume(accelerator, cfg, checkpoint, notes)
 
     # Download once: the global main process first, then (for nodes without a shared
     # filesystem) each node's local main process, then everyone else reads the files.
     with accelerator.main_process_first(), accelerator.local_main_process_first():
         train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
-                                             cfg.data.train_samples, cfg.data.test_samples)
+                                             cfg.data.train_samples, cfg.data.test_samples,
+                                             cfg.data.download_timeout_s)
 
+    notes += sample_limit_notes(cfg.data, train_split, test_split)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model.name, **cfg.model.settings())
-    notes = apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
+    notes += apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
     if cfg.perf.reuse_host_memory and not kept_host_memory:
         notes.append("perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
                      "so malloc keeps its own settings")
@@ -123,10 +106,11 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     if resume_from is not None:
         state = checkpoint.load(accelerator, resume_from, state.compat,
                                 defaults={"model.settings": cfg.model.default_settings()})
-    if accelerator.is_main_process:  # only now: a refused resume leaves the folder as it was
+    status.accept(output_dir)  # only now: a refused resume leaves the folder as it was
+    if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
-        outcome.record("running", 0)
+        status.record("running", 0)
     if not state.run_id:
         state.run_id = secrets.token_hex(4)  # the wandb run id; only the main process uses it
 
@@ -141,16 +125,17 @@ def run(args: argparse.Namespace, outcome: _Outcome) -> int:
     try:
         trainer.fit()
     except Preempted as p:
-        outcome.step = p.step
+        status.step = p.step
         tracker.info(str(p))
-        outcome.record("preempted", PREEMPTED_EXIT, str(p))
+        status.record("preempted", PREEMPTED_EXIT, str(p))
         return PREEMPTED_EXIT
-    outcome.step = state.step
+    finally:
+        status.step = state.step
     accelerator.wait_for_everyone()
     accelerator.save_model(model, str(output_dir))  # model.safetensors, on the main process
     tracker.info(f"done: {state.step} steps; weights in {output_dir / 'model.safetensors'}")
     accelerator.end_training()
-    outcome.record("completed", 0)
+    status.record("completed", 0)
     return 0
 
 
@@ -189,41 +174,73 @@ def _log_start(tracker, cfg, setup: dict[str, object], model, notes: list[str]) 
         tracker.info(note)
 
 
-def _prepare_output_dir(accelerator, cfg, checkpoint) -> Path | None:
-    """Create output_dir (checking it is writable) and pick the checkpoint to resume from."""
+def _claim_output_dir(accelerator, output_dir: Path) -> list[str]:
+    """Create output_dir and take its run lock (the main process), before anything in it is read
+    or changed; every rank learns the outcome. Returns notes for the log."""
+    from accelerate.utils import broadcast_object_list
+
+    from train.checkpoint import remove_unfinished
+    from train.lock import RunLock
+    from train.status import STATUS_FILE, read_status, settle
+
+    notes, error = [], None
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(output_dir, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            warning = RunLock(output_dir).acquire()  # held until this process ends
+            notes += [warning] if warning else []
+            previous = read_status(output_dir / STATUS_FILE)
+            if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
+                settle(output_dir, holding_lock=True)
+                notes.append(f"the previous run in {output_dir} was killed without recording an outcome (it said "
+                             f"'running' at step {previous['step']}); recorded it as failed")
+            notes += remove_unfinished(output_dir)
+        except UserError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot write to output_dir {output_dir} ({e.strerror}): choose a writable folder"
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise UserError(error)
+    return notes
+
+
+def _pick_resume(accelerator, cfg, checkpoint, notes: list[str]) -> Path | None:
+    """The checkpoint to resume from (damaged ones are reported in `notes`)."""
     output_dir = Path(cfg.output_dir)
-    warn = print if accelerator.is_main_process else (lambda message: None)
-    resume_from = checkpoint.find_resume(output_dir, cfg.checkpoint.resume, warn=warn)
+    resume_from = checkpoint.find_resume(output_dir, cfg.checkpoint.resume, warn=notes.append)
     if resume_from is None and cfg.checkpoint.resume == "none" and checkpoint.has_checkpoints(output_dir):
         raise UserError(
             f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
             f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
         )
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write to output_dir {output_dir} ({e.strerror}): choose a writable folder") from e
-        if not os.access(output_dir, os.W_OK):
-            raise UserError(f"cannot write to output_dir {output_dir} (permission denied): choose a writable folder")
-    accelerator.wait_for_everyone()
     return resume_from
 
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("DENOISE_DEBUG") == "1"
-    outcome = _Outcome()
+    status = RunStatus()
     try:
-        return run(parse_args(argv), outcome)
-    except UserError as e:
-        outcome.record("failed", 2, str(e))
+        return run(parse_args(argv), status)
+    except StopRequested as e:
+        status.record("preempted", 75, str(e))
+        if status.is_main:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return 75
+    except BaseException as e:
+        error = e if isinstance(e, UserError) else disk_full(e, status.output_dir)
+        if error is None:  # a bug or a crash: keep the traceback, but record the outcome
+            status.record("failed", 1, brief(e))
+            raise
+        status.record("failed", 2, str(error))
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if status.is_main or error.node_local:  # the same error on every rank: print it once
+            print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    except BaseException as e:  # a bug or a crash: keep the traceback, but record the outcome
-        outcome.record("failed", 1, f"{type(e).__name__}: {e}")
-        raise
 
 
 if __name__ == "__main__":

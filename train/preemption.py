@@ -1,8 +1,15 @@
-"""Stopping cleanly when the cluster asks: SIGTERM, SIGINT or SIGUSR1 (SLURM's usual warning).
+"""Stopping cleanly when the cluster asks: SIGTERM, SIGINT, SIGUSR1 (SLURM's usual warning) or
+SIGHUP (the terminal closed; left alone under nohup).
 
-A signal only sets a flag. At each optimizer-step boundary the ranks vote on it (one
-all-reduce); every rank reads the vote one step later, so all stop at the same step, save a
-checkpoint and exit with PREEMPTED_EXIT. A second signal stops at once, the usual way.
+During training a signal only sets a flag. At each optimizer-step boundary the ranks vote on
+it (one all-reduce); every rank reads the vote one step later, so all stop at the same step,
+save a checkpoint and exit with PREEMPTED_EXIT. Before training starts there is nothing to
+save, so a signal ends the process at once (StopRequested).
+
+Signals that arrive within BURST_S of the first are the same request: SLURM and Kubernetes
+signal the launcher and its workers together, and the launcher forwards its copy, so each
+worker sees two at once. A signal after that stops at once, recording the failure first.
+A worker whose launcher dies (SIGKILL, OOM) takes that as a stop request too.
 
 Also here: fault injection for the crash tests (env DENOISE_FAULT), so a test can kill a run
 at an exact point instead of racing a timer.
@@ -12,12 +19,20 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 
+from train.distributed import launcher_args
+from train.errors import StopRequested
+
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" - the job should be resumed
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+BURST_S = 1.0  # seconds after a stop request in which further signals count as the same request
+LAUNCHER_GONE_GRACE_S = 60.0  # seconds an orphaned worker gets to checkpoint before it exits regardless
 
 
 class Preempted(Exception):
@@ -29,15 +44,24 @@ class Preempted(Exception):
 
 
 class StopFlag:
-    """Catches the stop signals in this process and agrees on them across ranks."""
+    """Catches the stop signals in this process and agrees on them across ranks.
 
-    def __init__(self) -> None:
+    `on_abort(signum)` runs before a second request ends the process at once (to record it).
+    Set `deferred` once the training loop polls the flag at every step."""
+
+    def __init__(self, on_abort: Callable[[int], None] | None = None) -> None:
         self.signum: int | None = None
+        self.reason: str | None = None  # what asked, when it was not a signal from outside
+        self.deferred = False
+        self.on_abort = on_abort
+        self._first_at = 0.0
         self._previous = {}
         self._vote: _Vote | None = None  # the last step's vote, maybe still in flight
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started under nohup: the user asked to outlive the terminal
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
@@ -46,11 +70,18 @@ class StopFlag:
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:  # asked twice: stop now, the default way
-            self.uninstall()
-            signal.raise_signal(signum)
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+            if not self.deferred:
+                raise StopRequested(self.name)
             return
-        self.signum = signum
+        if now - self._first_at < BURST_S:
+            return  # the same request, delivered twice
+        if self.on_abort is not None:  # asked again: stop now, the default way, once it is recorded
+            self.on_abort(signum)
+        self.uninstall()
+        signal.raise_signal(signum)
 
     def any_rank_stopping(self, accelerator: Accelerator) -> bool:
         """True on every rank, from the same call on, once any rank was signalled by its previous call.
@@ -69,6 +100,8 @@ class StopFlag:
 
     @property
     def name(self) -> str:
+        if self.reason is not None:
+            return self.reason
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
 
 
@@ -107,3 +140,33 @@ def maybe_inject_fault(point: str, step: int, rank: int) -> None:
     at_step, _, at_rank = rest.partition("@")
     if where == point and int(at_step) == step and (not at_rank or int(at_rank) == rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _launched_by(pid: int) -> bool:
+    """Whether process `pid` is a launcher that starts workers: accelerate launch or torchrun."""
+    cmdline = " ".join(launcher_args(pid))  # empty without /proc: nothing to watch
+    return any(name in cmdline for name in ("accelerate", "torchrun", "torch.distributed.run", "torch/distributed/run"))
+
+
+def watch_launcher(stop: StopFlag, on_give_up: Callable[[], None], grace_s: float = LAUNCHER_GONE_GRACE_S) -> None:
+    """End this worker when the launcher that started it dies without stopping it first.
+
+    Its death reparents this process, so a thread polls the parent pid (every 0.5 s). Then
+    it asks for a stop as a signal would (a checkpoint at the next step, or an exit during
+    start-up) and, if the process still runs `grace_s` later (a peer died in a collective),
+    records the failure through `on_give_up` and exits."""
+    parent = os.getppid()
+    if not _launched_by(parent):
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        if stop.signum is None:  # else a stop is already under way: let it finish
+            stop.reason = f"the death of its launcher (pid {parent})"
+            os.kill(os.getpid(), signal.SIGTERM)  # runs the handler in the main thread, where it can stop the work
+        time.sleep(grace_s)
+        on_give_up()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

@@ -14,21 +14,15 @@ from typing import Any
 from accelerate import Accelerator
 
 METRICS_FILE = "metrics.jsonl"
-STATUS_FILE = "status.json"
 
 
-def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "") -> None:
-    """Record how the run ended where scripts can read it: `accelerate launch` reports every
-    failure as status 1, so the SLURM script tells "preempted" from "failed" by this file.
-    outcome = running | completed | preempted | failed. Main process only."""
-    record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(path)
-
-
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+        return int(record["step"]) if isinstance(record, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
 class NullTracker:
     """What ranks other than the global main process get: every call is a no-op."""
 
@@ -58,8 +52,8 @@ class Tracker(NullTracker):
     def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, wandb_project: str,
                  run_id: str, resume_step: int | None) -> None:
         self.metrics_path = output_dir / METRICS_FILE
-        self._trim_metrics(resume_step)
         self._bar = None
+        self._trim_metrics(resume_step)
         self._wandb = None
         if wandb_mode != "disabled":
             import wandb  # deferred: slow to import, and only the main process needs it
@@ -69,14 +63,23 @@ class Tracker(NullTracker):
                                      id=run_id, resume="allow", settings=wandb.Settings(silent=True))
 
     def _trim_metrics(self, resume_step: int | None) -> None:
+        """Keep the lines up to the checkpoint's step, atomically. A line that is not a whole
+        record (the tail torn by a kill or a full disk) is dropped and reported, never fatal."""
         if not self.metrics_path.exists():
             return
         if resume_step is None:
             self.metrics_path.unlink()
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        lines = self.metrics_path.read_text(errors="replace").splitlines()
+        steps = [_step_of(line) for line in lines]
+        torn = [line for line, step in zip(lines, steps) if step is None and line.strip()]
+        kept = [line for line, step in zip(lines, steps) if step is not None and step <= resume_step]
+        tmp = self.metrics_path.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)
+        if torn:
+            self.info(f"{self.metrics_path}: dropped {len(torn)} damaged line(s) ({sum(map(len, torn))} bytes, "
+                      f"written as the run was killed or the disk filled); the rest is kept")
 
     def info(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"

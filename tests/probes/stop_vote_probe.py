@@ -26,6 +26,7 @@ def main() -> None:
     rank = accelerator.process_index
     flag = StopFlag()
     flag.install()
+    flag.deferred = True  # as in the training loop: a signal waits for the vote
     answers = []
     for call in range(calls):
         if rank == signalled_rank and call == at_call:

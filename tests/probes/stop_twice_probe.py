@@ -1,0 +1,26 @@
+"""A stop request delivered twice at once (a burst) and then again later: the burst is one
+request; the later one records the abort through `on_abort`, then ends the process by the
+signal. Usage: stop_twice_probe.py RECORD_FILE (see test_abuse.py)."""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from train.preemption import BURST_S, StopFlag  # noqa: E402
+
+record = Path(sys.argv[1])
+flag = StopFlag(on_abort=lambda signum: record.write_text(f"aborted by {signal.Signals(signum).name}"))
+flag.install()
+flag.deferred = True  # as in the training loop
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGINT)  # the launcher's forwarded copy, microseconds later
+time.sleep(0.2)
+assert flag.signum == signal.SIGTERM and not record.exists(), (flag.signum, record.exists())
+print("burst ignored", flush=True)
+time.sleep(BURST_S)
+os.kill(os.getpid(), signal.SIGTERM)  # asked again: stop at once
+time.sleep(10)
+sys.exit(3)  # not reached when the second request works

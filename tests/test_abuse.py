@@ -1,0 +1,308 @@
+"""What operators do to a run at 3 a.m., on the real entry point: two runs in one folder, a
+killed launcher, bursts of signals, SIGHUP, a dead rank 0, a full disk, a stalled network.
+Each time: no data lost, no hang, no status that lies, one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (MAIN, REPO, accelerate_cpu, error_lines, load_weights, read_metrics, run_main, start_main,
+                      wait_for_metrics)
+from train.checkpoint import verify
+
+PREEMPTED_EXIT = 75
+# Long enough (2,000+ optimizer steps) to be reliably mid-training when the test acts; the
+# tests stop it themselves.
+LONG = ["--config", "configs/debug.yaml", "data.train_samples=4000", "data.test_samples=100", "train.epochs=10",
+        "logging.every_n_steps=10", "logging.wandb_mode=disabled"]
+FORWARD = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+
+
+def _status(out: Path) -> dict:
+    return json.loads((out / "status.json").read_text())
+
+
+def _stopped_cleanly(out: Path, signame: str) -> int:
+    """Assert the run recorded a stop at step N with an intact checkpoint of step N; return N."""
+    status = _status(out)
+    assert status["outcome"] == "preempted" and status["exit_code"] == PREEMPTED_EXIT, status
+    assert signame in status["message"], status
+    ckpt = out / "checkpoints" / f"step_{status['step']:08d}"
+    assert verify(ckpt) is None, f"the stop checkpoint {ckpt} is missing or damaged"
+    steps = [(m["step"], "eval/mse" in m) for m in read_metrics(out)]
+    assert len(steps) == len(set(steps)), "metrics.jsonl has a step written twice"
+    return status["step"]
+
+
+def _our_traceback(stderr: str) -> bool:
+    return any(line.startswith('  File "') and "/train/" in line for line in stderr.splitlines())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
+
+
+# -- 1. one run per output_dir -------------------------------------------------------------
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_second_run_in_the_same_output_dir_is_refused_and_touches_nothing(mnist_root, tmp_path, nproc):
+    out = tmp_path / "run"
+    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}"]
+    first = start_main(args)
+    try:
+        wait_for_metrics(out, first, lines=1)
+        before = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
+        second = run_main(args + [f"train.per_device_batch_size={20 // nproc}"],
+                          launcher=accelerate_cpu(nproc) if nproc > 1 else None, timeout=120)
+        assert second.returncode != 0 and first.poll() is None, second.stderr[-2000:]
+        assert error_lines(second.stderr) == [
+            f"error: output_dir {out} is in use by another run (host {socket.gethostname()}, pid {first.pid}, "
+            f"started {json.loads((out / 'run.lock').read_text())['started']}): wait for it to end or stop it, "
+            f"or choose another output_dir"], second.stderr[-2000:]
+        assert not _our_traceback(second.stderr)  # (accelerate launch adds one of its own)
+        assert "setup:" not in second.stdout
+        assert _status(out)["outcome"] == "running"  # the first run's record
+        assert all(p.name in before or p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == PREEMPTED_EXIT
+    _stopped_cleanly(out, "SIGTERM")
+
+
+def test_the_status_command_and_the_next_run_record_a_killed_run_as_failed(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=1", "checkpoint.every_n_steps=50"]
+    assert run_main(args, env={"DENOISE_FAULT": "after_step:120"}).returncode == -signal.SIGKILL
+    assert _status(out)["outcome"] == "running"  # a SIGKILLed process can write nothing...
+    status = subprocess.run([sys.executable, "-m", "train.status", str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert status.stdout == "failed 1\n", status  # ...but no reader is told it still runs
+    assert _status(out)["outcome"] == "failed" and "without recording an outcome" in _status(out)["message"]
+
+    assert run_main(args, env={"DENOISE_FAULT": "after_step:160"}).returncode == -signal.SIGKILL
+    resumed = run_main(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "the previous run in" in resumed.stdout and "was killed without recording an outcome" in resumed.stdout
+    assert "resuming from" in resumed.stdout and _status(out)["outcome"] == "completed"
+
+
+def test_a_run_refused_at_start_up_leaves_the_finished_runs_status(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", "configs/debug.yaml", f"data.root={mnist_root}", f"output_dir={out}",
+            "data.train_samples=200", "data.test_samples=50", "train.epochs=1"]
+    assert run_main(args).returncode == 0
+    done = (out / "status.json").read_bytes()
+    for bad in (["train.no_such_key=1"], ["train.seed=5"]):  # a config error; a checkpoint it cannot resume
+        r = run_main(args + bad)
+        assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "Traceback" not in r.stderr
+        assert (out / "status.json").read_bytes() == done
+
+
+# -- 2. workers end with their launcher -----------------------------------------------------
+@pytest.mark.slow
+def test_workers_checkpoint_and_end_when_their_launcher_is_killed(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10"]
+    with open(tmp_path / "log", "w") as log:  # a file, not a pipe: orphaned workers keep writing to it
+        launcher = start_main(args, launcher=accelerate_cpu(2), env=FORWARD, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_metrics(out, launcher, lines=2, log=lambda: (tmp_path / "log").read_text())
+        workers = _children(launcher.pid)
+        assert len(workers) == 2
+        launcher.kill()
+        launcher.wait()
+        t0 = time.time()
+        while any(_alive(pid) for pid in workers):
+            assert time.time() - t0 < 60, "workers outlived their launcher by a minute"
+            time.sleep(0.2)
+    stopped = _stopped_cleanly(out, "the death of its launcher")
+    resumed = run_main(args, launcher=accelerate_cpu(2), env=FORWARD)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
+    assert f"step_{stopped:08d}" in resumed.stdout and _status(out)["outcome"] == "completed"
+
+
+# -- 5. stop signals -------------------------------------------------------------------------
+@pytest.mark.parametrize("signals", [["SIGTERM"] * 3, ["SIGHUP"], ["SIGINT", "SIGTERM"]])
+def test_a_burst_of_stop_signals_or_sighup_is_one_stop_request(mnist_root, tmp_path, signals):
+    out = tmp_path / "run"
+    proc = start_main(LONG + [f"data.root={mnist_root}", f"output_dir={out}"])
+    wait_for_metrics(out, proc, lines=1)
+    for name in signals:  # within microseconds of each other, as a launcher and SLURM send them
+        proc.send_signal(getattr(signal, name))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
+    _stopped_cleanly(out, signals[0])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_and_its_workers_together_checkpoints(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10"]
+    proc = start_main(args, launcher=accelerate_cpu(2), env=FORWARD, start_new_session=True)
+    wait_for_metrics(out, proc, lines=2)
+    os.killpg(proc.pid, signal.SIGTERM)  # what scancel and Kubernetes do: every process of the job at once
+    proc.communicate(timeout=120)
+    _stopped_cleanly(out, "SIGTERM")
+
+
+def test_a_second_request_after_the_first_stops_at_once_and_records_it(tmp_path):
+    probe = REPO / "tests" / "probes" / "stop_twice_probe.py"
+    r = subprocess.run([sys.executable, str(probe), str(tmp_path / "record")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == -signal.SIGTERM, r.stderr  # the default way, so the shell sees the signal
+    assert (tmp_path / "record").read_text() == "aborted by SIGTERM", "the stop was not recorded before it"
+    assert "burst ignored" in r.stdout
+
+
+# -- 6. a dead rank 0 ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_status_is_failed_not_running_after_rank_0_is_killed(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    r = run_main(LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10",
+                         "train.collective_timeout_s=30"],
+                 launcher=accelerate_cpu(2), env={"DENOISE_FAULT": "after_step:15@0"}, timeout=180)
+    assert r.returncode != 0
+    status = _status(out)  # written by the surviving rank
+    assert status["outcome"] == "failed", status
+
+
+# -- 7. a full disk --------------------------------------------------------------------------
+def _can_mount() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not _can_mount() and os.environ.get("CI") != "true",
+                                 reason="needs root for a private tmpfs (unshare -m); CI has it")
+
+
+@needs_mount
+def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_resumes(mnist_root, tmp_path):
+    straight = tmp_path / "straight"
+    args = ["--config", "configs/debug.yaml", f"data.root={mnist_root}", "data.train_samples=4000",
+            "data.test_samples=100", "train.epochs=1", "train.per_device_batch_size=10", "logging.every_n_steps=10",
+            "checkpoint.every_n_steps=50", "checkpoint.keep_last=5"]
+    assert run_main(args + [f"output_dir={straight}"]).returncode == 0
+    probe = REPO / "tests" / "probes" / "disk_full_probe.py"
+    r = subprocess.run(["unshare", "-m", sys.executable, str(probe), str(tmp_path), json.dumps(args)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    full = result["full"]
+    assert full["returncode"] == 2, full
+    [line] = error_lines(full["stderr"])
+    assert line.startswith("error: disk full: writing ") and "MiB free on its filesystem" in line, line
+    assert "Traceback" not in full["stderr"]
+    assert full["status"]["outcome"] == "failed" and full["status"]["exit_code"] == 2, full["status"]
+    assert full["checkpoints"] and all(problem is None for problem in full["checkpoints"].values()), full
+    resumed = result["resumed"]
+    assert resumed["returncode"] == 0 and "resuming from" in resumed["stdout"], resumed
+    assert resumed["status"]["outcome"] == "completed"
+    a, b = result["weights"], load_weights(straight)
+    assert a == {k: v.flatten().tolist() for k, v in b.items()}, "the resumed run must end as the uninterrupted one"
+
+
+# -- 8. start-up that waits on the network ---------------------------------------------------
+@pytest.fixture
+def stalled_proxy():
+    """A local HTTP(S) proxy that accepts connections and never answers: a stalled network."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    yield {"https_proxy": url, "http_proxy": url, "HTTPS_PROXY": url, "HTTP_PROXY": url, "no_proxy": "",
+           "NO_PROXY": ""}, held
+    server.close()
+    for s in held:
+        s.close()
+
+
+def test_a_stalled_download_times_out_with_one_line(tmp_path, stalled_proxy):
+    env, held = stalled_proxy
+    t0 = time.time()
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}",
+                  "data.download_timeout_s=1"], env=env, timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 60 and held, r.stderr[-2000:]
+    [line] = error_lines(r.stderr)
+    assert "the download stalled: no answer within data.download_timeout_s=1 s (no network?)" in line
+    assert "Traceback" not in r.stderr
+
+
+def test_a_stop_signal_during_start_up_ends_the_run_at_once(tmp_path, stalled_proxy):
+    env, held = stalled_proxy
+    proc = start_main(["--config", "configs/debug.yaml", f"data.root={tmp_path / 'data'}",
+                       f"output_dir={tmp_path / 'run'}", "data.download_timeout_s=600"], env=env)
+    t0 = time.time()
+    while not held:  # until it is stuck in the download
+        assert proc.poll() is None and time.time() - t0 < 60, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    t1 = time.time()
+    _, stderr = proc.communicate(timeout=30)
+    assert time.time() - t1 < 10 and proc.returncode == PREEMPTED_EXIT, stderr
+    assert "stopped: stopped by SIGTERM during start-up, before training began" in stderr
+    assert "Traceback" not in stderr
+
+
+# -- 10. launch mistakes and small ones -----------------------------------------------------
+def test_num_processes_without_multi_gpu_is_refused(mnist_root, tmp_path):
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={mnist_root}", f"output_dir={out}"], launcher=launcher)
+    assert r.returncode != 0 and not out.exists()
+    assert error_lines(r.stderr) == [
+        "error: accelerate launch --num_processes 2 started ONE process: without --multi_gpu it runs a single process; "
+        "add --multi_gpu (on a machine without GPUs: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+        "--num_processes 2 ...)"]
+
+
+def test_data_problems_say_what_really_failed(mnist_root, tmp_path, tiny_mnist):
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={tiny_mnist}", f"output_dir={tmp_path / 'a'}",
+                  "data.train_samples=500", "train.epochs=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"data.train_samples=500 is more than the 96 train images in {tiny_mnist}: using all 96" in r.stdout
+    if not _can_mount():
+        pytest.skip("a read-only data.root needs a private read-only mount (root)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cmd = (f"mount -t tmpfs -o ro,size=1m tmpfs {ro} && exec {sys.executable} {MAIN} --config configs/debug.yaml "
+           f"data.root={ro} output_dir={tmp_path / 'b'}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    [line] = error_lines(r.stderr)
+    assert f"it cannot be downloaded there: data.root {ro} is not writable" in line and "no network" not in line

@@ -1,0 +1,117 @@
+"""How a run ended, for scripts: OUTPUT_DIR/status.json, and a reader that never reports a dead
+run as running.
+
+`accelerate launch` reports every failure as status 1, so scripts tell "preempted" from
+"failed" by this file. outcome = running | completed | preempted | failed.
+
+    python -m train.status OUTPUT_DIR    # prints "OUTCOME EXIT_CODE", e.g. "preempted 75"
+
+A status that says `running` while no process holds the folder's run lock belongs to a run
+that was killed (SIGKILL, out of memory, a lost node); the reader above, the next run in the
+folder and slurm/denoise.sh all record it as `failed`. Light on imports: no torch here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from train import lock
+
+STATUS_FILE = "status.json"
+STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out of memory or a lost node); "
+          "its checkpoints are intact: run the same command to resume from the last one")
+
+
+def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "") -> None:
+    """Atomically (a temporary file renamed over it) where the disk has room; on a full disk,
+    in place over the previous record: a record is under 1 KiB, so it fits in the disk block
+    the file already holds."""
+    record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message[:600],
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    data = (json.dumps(record) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+            raise
+        tmp.unlink(missing_ok=True)
+        with path.open("r+b") as f:
+            f.write(data)
+            f.truncate()
+
+
+def read_status(path: Path) -> dict | None:
+    """The record at `path`; None if there is none, or it cannot be parsed (a torn write)."""
+    try:
+        record = json.loads(path.read_text())
+        return record if isinstance(record, dict) and "outcome" in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def settle(output_dir: Path, holding_lock: bool = False) -> dict | None:
+    """output_dir's status, with a `running` whose run is gone recorded as `failed`.
+    `holding_lock`: the caller holds the run lock, so any earlier run is gone."""
+    path = Path(output_dir) / STATUS_FILE
+    status = read_status(path)
+    if status is not None and status["outcome"] == "running" and (holding_lock or lock.is_held(output_dir) is False):
+        write_status(path, "failed", 1, status.get("step"), STALE_RUN)
+        status = read_status(path)
+    return status
+
+
+class RunStatus:
+    """Records the outcome of this process's run.
+
+    - $DENOISE_STATUS_FILE (set by slurm/denoise.sh), from the start, so even a config error
+      is recorded where the script looks;
+    - OUTPUT_DIR/status.json only once the run is accepted (it holds the folder and its
+      checkpoint is compatible): a run refused at start-up leaves the last run's record.
+    Only the global main process records, except `failed`, which any rank may record: the
+    launcher may kill rank 0 before it can."""
+
+    def __init__(self) -> None:
+        from_env = os.environ.get("DENOISE_STATUS_FILE")
+        self.paths = [Path(from_env)] if from_env else []
+        self.is_main = os.environ.get("RANK", "0") == "0"
+        self.step: int | None = None
+        self.output_dir: Path | None = None  # known once the config is read
+
+    def accept(self, output_dir: Path) -> None:
+        path = Path(output_dir) / STATUS_FILE
+        if path not in self.paths:
+            self.paths.append(path)
+
+    def record(self, outcome: str, exit_code: int, message: str = "") -> None:
+        if not (self.is_main or outcome == "failed"):
+            return
+        for path in self.paths:
+            try:
+                write_status(path, outcome, exit_code, self.step, message)
+            except OSError as e:  # never let the record of a failure hide the failure itself
+                print(f"warning: could not record '{outcome}' in {path} ({e.strerror})", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("error: usage is python -m train.status OUTPUT_DIR", file=sys.stderr)
+        return 2
+    status = settle(Path(args[0]))
+    if status is None:
+        print(f"error: {Path(args[0]) / STATUS_FILE} is missing or unreadable: no run recorded there", file=sys.stderr)
+        return 2
+    print(status["outcome"], status["exit_code"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
