@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,47 @@ def test_the_cli_runs_as_a_module_with_one_line_errors(run_dir, tmp_path):
     if not torch.cuda.is_available():
         r = subprocess.run(cmd + ["--device", "cuda", "x.png"], cwd=REPO, env=env, capture_output=True, text=True)
         assert r.returncode == 2 and "no CUDA GPU here" in r.stderr
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height grey pixels (all a reader checks before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_inputs_are_never_overwritten_and_odd_images_are_handled(run_dir, digits, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "train.denoise", "--checkpoint", str(run_dir)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(digits[0]).save(folder / "a.png")
+    original = (folder / "a.png").read_bytes()
+    (tmp_path / "link").symlink_to(folder)
+    for out in (folder, tmp_path / "link"):  # the input folder, however it is reached
+        r = subprocess.run(cmd + ["--out", str(out), str(folder)], cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.strip() == (f"error: writing {out / 'a.png'} would overwrite the input file of that name: "
+                                    f"choose an --out folder that holds no inputs (e.g. --out denoised)")
+        assert (folder / "a.png").read_bytes() == original
+    _png_header_only(tmp_path / "bomb.png", 14000, 14000)
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "o"), str(tmp_path / "bomb.png")], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"input {tmp_path / 'bomb.png'} is too large for a digit image" in r.stderr
+    # Dark strokes on a transparent background (RGB black everywhere; the digit is in alpha).
+    rgba = np.zeros((SIDE, SIDE, 4), dtype=np.uint8)
+    rgba[..., 3] = digits[2]
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "ink.png")
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "o"), str(tmp_path / "ink.png")], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "o" / "ink.png") as im:
+        got = 1 - np.asarray(im, dtype=np.float32) / 255  # written back dark on light, as it shows
+    assert np.abs(got - _model_output(run_dir, digits[2:3])[0, 0]).max() <= 0.5 / 255 + 1e-6
 
 
 @pytest.mark.gpu

@@ -9,7 +9,9 @@ checkpoints/step_* folders; the model and its settings come from the saved confi
 no training YAML is needed. Inputs are image files (anything Pillow reads), folders of them,
 or .npy arrays.
 
-Images are made to look like MNIST: converted to grayscale; inverted when the background is
+Images are made to look like MNIST: converted to grayscale (an image with transparency is
+first laid on a background that contrasts with its strokes, so dark strokes on a transparent
+background read as the digit they show); inverted when the background is
 light (the median of the border pixels is above one half), since MNIST digits are light on
 dark; padded to a square with the background; resized to 28x28 (area averaging). The output
 is the denoised 28x28 digit, inverted back to the input's polarity. A .npy array holds
@@ -18,7 +20,8 @@ output .npy has the same shape, float32 in [0, 1].
 
 `--noise-factor F` corrupts the inputs first with the checkpoint's noise kind (or
 `--noise-kind`) at level F and also writes the noisy versions (`*_noisy.*`): a way to see
-the model work on clean digits. Exit status 0 done, 2 a mistake to fix (one line on stderr).
+the model work on clean digits. No input file is ever overwritten: an --out that would do so
+is refused. Exit status 0 done, 2 a mistake to fix (one line on stderr).
 """
 
 from __future__ import annotations
@@ -94,12 +97,32 @@ class Item:
     npy_shape: tuple[int, ...] = ()
 
 
+def _grayscale(im) -> np.ndarray:
+    """(H, W) float32 in [0, 1]. Transparent pixels take the background colour that contrasts
+    with the strokes (white under dark strokes, black under light ones): Pillow's plain
+    conversion would keep the invisible colour beneath them, often the strokes' own."""
+    if "A" not in im.getbands() and "transparency" not in im.info:
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    la = np.asarray(im.convert("LA"), dtype=np.float32) / 255.0
+    gray, alpha = la[..., 0], la[..., 1]
+    strokes = float((gray * alpha).sum() / max(alpha.sum(), 1e-6))  # mean grey of what is visible
+    background = 1.0 if strokes < 0.5 else 0.0
+    return gray * alpha + background * (1.0 - alpha)
+
+
 def _read_image(path: Path) -> Item:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            gray = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over ~89 M pixels: refuse, not warn
+            with Image.open(path) as im:
+                gray = _grayscale(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DenoiseError(f"input {path} is too large for a digit image ({brief(e)}): shrink it (a few hundred "
+                           f"pixels a side is plenty; the model sees 28x28)") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DenoiseError(f"input {path} is not an image Pillow can read ({brief(e)}): "
                            f"give PNG (or other image) files or .npy arrays") from e
@@ -152,17 +175,22 @@ def read_inputs(paths: list[str]) -> list[Item]:
 
 
 # -- outputs --------------------------------------------------------------------------------
-def _write(item: Item, images: torch.Tensor, path: Path) -> None:
+def _out_path(item: Item, stem: Path) -> Path:
+    return stem.with_suffix(".npy" if item.kind == "npy" else ".png")
+
+
+def _write(item: Item, images: torch.Tensor, stem: Path) -> None:
     if item.kind == "npy":
-        np.save(path.with_suffix(".npy"), images.reshape(item.npy_shape).numpy())
+        np.save(_out_path(item, stem), images.reshape(item.npy_shape).numpy())
         return
     from PIL import Image
 
     x = 1.0 - images[0, 0] if item.inverted else images[0, 0]
-    Image.fromarray((x * 255.0).round().to(torch.uint8).numpy(), mode="L").save(path.with_suffix(".png"))
+    Image.fromarray((x * 255.0).round().to(torch.uint8).numpy(), mode="L").save(_out_path(item, stem))
 
 
-def _out_stems(items: list[Item], out_dir: Path) -> list[Path]:
+def _out_stems(items: list[Item], out_dir: Path, noisy: bool) -> list[Path]:
+    """Where each item's results go; refuses names that collide or would overwrite an input."""
     stems = [out_dir / item.source.stem for item in items]
     seen: dict[Path, Path] = {}
     for stem, item in zip(stems, items):
@@ -170,6 +198,12 @@ def _out_stems(items: list[Item], out_dir: Path) -> list[Path]:
             raise DenoiseError(f"inputs {seen[stem]} and {item.source} would both be written to {stem}.*: "
                                f"rename one, or denoise them in two runs with different --out")
         seen[stem] = item.source
+    inputs = {item.source.resolve() for item in items}
+    for stem, item in zip(stems, items):
+        for out in [_out_path(item, stem)] + ([_out_path(item, stem.with_name(stem.name + "_noisy"))] if noisy else []):
+            if out.resolve() in inputs:
+                raise DenoiseError(f"writing {out} would overwrite the input file of that name: choose an --out "
+                                   f"folder that holds no inputs (e.g. --out denoised)")
     return stems
 
 
@@ -226,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     model, cfg = load_trained(args.checkpoint, device)
     items = read_inputs(args.inputs)
     out_dir = Path(args.out)
-    stems = _out_stems(items, out_dir)
+    stems = _out_stems(items, out_dir, noisy=args.noise_factor is not None)
     images = torch.cat([item.images for item in items])
     if args.noise_factor is not None:
         kind = args.noise_kind or cfg.noise.kind
