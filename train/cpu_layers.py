@@ -85,6 +85,9 @@ class _ConvToOne(torch.autograd.Function):
             grad_x = torch.mm(grad_taps, weight.reshape(c, 9).t()).view(n, h, w, c).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(grad_taps.t(), _rows(x)).t().reshape(weight.shape)
+            # In the weight's own strides (a copy of C x 9 values): the view's size-1 dimension
+            # has another stride, which DDP takes for a layout mismatch and warns about each step.
+            grad_w = torch.empty_strided(weight.shape, weight.stride(), dtype=grad_w.dtype, device=grad_w.device).copy_(grad_w)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum().view(1)
         return grad_x, grad_w, grad_b
