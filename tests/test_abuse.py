@@ -151,8 +151,9 @@ def test_a_burst_of_stop_signals_or_sighup_is_one_stop_request(mnist_root, tmp_p
     out = tmp_path / "run"
     proc = start_main(LONG + [f"data.root={mnist_root}", f"output_dir={out}"])
     wait_for_metrics(out, proc, lines=1)
-    for name in signals:  # within microseconds of each other, as a launcher and SLURM send them
+    for name in signals:  # a few ms apart, as SLURM and a forwarding launcher send them
         proc.send_signal(getattr(signal, name))
+        time.sleep(0.02)  # apart enough that each runs the handler (signals closer than that merge)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
     _stopped_cleanly(out, signals[0])
@@ -164,7 +165,9 @@ def test_sigterm_to_the_launcher_and_its_workers_together_checkpoints(mnist_root
     args = LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10"]
     proc = start_main(args, launcher=accelerate_cpu(2), env=FORWARD, start_new_session=True)
     wait_for_metrics(out, proc, lines=2)
-    os.killpg(proc.pid, signal.SIGTERM)  # what scancel and Kubernetes do: every process of the job at once
+    for _ in range(3):  # what scancel and Kubernetes do, every process of the job at once, three times in 20 ms
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.01)
     proc.communicate(timeout=120)
     _stopped_cleanly(out, "SIGTERM")
 
@@ -306,3 +309,15 @@ def test_data_problems_say_what_really_failed(mnist_root, tmp_path, tiny_mnist):
     assert r.returncode == 2
     [line] = error_lines(r.stderr)
     assert f"it cannot be downloaded there: data.root {ro} is not writable" in line and "no network" not in line
+
+
+def test_the_launch_warning_the_readme_explains_is_harmless(tiny_mnist, tmp_path):
+    # No accelerate config file here (a fresh HOME): accelerate warns about its defaults.
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={tiny_mnist}", f"output_dir={tmp_path / 'run'}",
+                  "train.epochs=1"], launcher=[sys.executable, "-m", "accelerate.commands.launch"],
+                 env={"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "`--num_processes` was set to a value of `0`" in r.stderr  # the text README.md quotes
+    assert "world_size=1" in r.stdout  # and what it means: one process
+    readme = (REPO / "README.md").read_text()
+    assert "`--num_processes` was\nset to a value of `0`" in readme and "harmless" in readme

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.perf import apply_perf, check_perf
-    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, watch_launcher
+    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, ignore_stop_signals, watch_launcher
     from train.tracking import build_tracker
 
     # Before the data and the model allocate anything: from here freed host memory is reused.
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         status.step = p.step
         tracker.info(str(p))
         status.record("preempted", PREEMPTED_EXIT, str(p))
+        ignore_stop_signals()
         return PREEMPTED_EXIT
     finally:
         status.step = state.step
@@ -226,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(parse_args(argv), status)
     except StopRequested as e:
-        status.record("preempted", 75, str(e))
+        from train.preemption import PREEMPTED_EXIT, ignore_stop_signals  # torch is loaded by now
+
+        status.record("preempted", PREEMPTED_EXIT, str(e))
+        ignore_stop_signals()
         if status.is_main:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
-        return 75
+        return PREEMPTED_EXIT
     except BaseException as e:
         error = e if isinstance(e, UserError) else disk_full(e, status.output_dir)
         if error is None:  # a bug or a crash: keep the traceback, but record the outcome

@@ -105,6 +105,14 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
 
 
+def ignore_stop_signals() -> None:
+    """Once a stop is saved and recorded, later copies of the request are moot. Python's
+    shutdown would reset our handlers to the default, and a late copy would then kill a
+    process whose work is safe, with the wrong exit status. SIGKILL still ends it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _Vote:
     """One step's stop vote, summed over the ranks, read later without waiting for later work."""
 
