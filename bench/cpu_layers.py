@@ -1,4 +1,4 @@
-"""The CPU forms of perf.cpu_layers (train/cpu_layers.py) against nn's layers, in one process.
+"""The CPU forms of perf.cpu_layers (train/speed/cpu_layers.py) against nn's layers, in one process.
 
     python bench/cpu_layers.py                         # batches 20, 64 and 128, 8 rounds each
     python bench/cpu_layers.py --batches 64 --rounds 12 --out bench/results/cpu-layers.json
@@ -41,8 +41,8 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from train.cpu_layers import ConvToOne, Upsample2x, use_cpu_layers
-    from train.host_memory import keep_freed_host_memory
+    from train.speed.cpu_layers import ConvToOne, Upsample2x, use_cpu_layers
+    from train.speed.host_memory import keep_freed_host_memory
     from train.loop import build_optimizer
     from train.model import ConvDenoiser
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmark, for one GPU machine: about 13 minutes on an H100 for the steps
-# timed so far, and about 8.5 (estimated) for `fuse fuse_autotune` (`full profile20 tests`
-# alone: about 5.5); more than one device call holds, so name steps; most important first,
+# timed so far (`full profile20 tests` alone: about 5.5); more than one device call holds, so
+# name steps; most important first,
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full profile20 tests fuse fuse_autotune tuning profile_large
+# STEPs (default: all, in this order): speed full profile20 tests epoch_order tuning profile_large
 # profile_steady quality pad20 check results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
@@ -60,25 +60,10 @@ if want profile20; then
     profile b20_graphs 90 300 $GRAPHS perf.cudnn_benchmark=true
 fi
 want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py \
-    tests/test_fault_tolerance.py \
-    tests/test_first_block.py
+    tests/test_fault_tolerance.py
 BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true perf.pad_thin_convs=true"
-FUSE="perf.fuse_first_block=true"
 AUTOTUNE="perf.compile_mode=max-autotune-no-cudagraphs"
-# perf.fuse_first_block, written without a GPU at hand, in two steps of under 5 minutes each
-# (estimated) so that each fits one device call: `fuse` (its checks, then the cheapest signal:
-# default compile, ~40 s a row) and `fuse_autotune` (the 900k best's mode, ~95 s a row).
-if want fuse; then
-    step epoch_order 30 python bench/epoch_order.py --out "$OUT/epoch_order.json"  # an epoch order's host time (~5 s)
-    step fuse_tests 180 python -m pytest -q -m gpu -p no:cacheprovider tests/test_first_block.py
-    bench fuse 170 tuning --batch 16384 --tuning "$BEST $FUSE" --tuning "$BEST"
-    bench fuse20 80 tuning --batch 20 --tuning "$GRAPHS perf.cudnn_benchmark=true" \
-        --tuning "$GRAPHS perf.cudnn_benchmark=true $FUSE"
-fi
-if want fuse_autotune; then
-    bench fuse_autotune 240 tuning --batch 16384 --tuning "$BEST $AUTOTUNE $FUSE" --tuning "$BEST $AUTOTUNE"
-    profile steady_fused 100 6 --skip 12 train.per_device_batch_size=16384 $BEST $FUSE
-fi
+want epoch_order && step epoch_order 30 python bench/epoch_order.py --out "$OUT/epoch_order.json"  # host time (~5 s)
 want tuning && bench tuning 240 tuning,floor --batch 16384 --tuning "$BEST" --tuning "$BEST $AUTOTUNE"
 want profile_large && profile b16384 100 40 train.per_device_batch_size=16384 $BEST
 if want profile_steady; then  # steady-state steps only, each kernel named with the layer that launched it

@@ -45,7 +45,7 @@ def main() -> None:
                         "(to show what that setting alone is worth)")
     args = p.parse_args()
     if args.reuse_host_memory:
-        from train.host_memory import keep_freed_host_memory
+        from train.speed.host_memory import keep_freed_host_memory
 
         keep_freed_host_memory()
     from torchvision import datasets, transforms  # as the notebook did

@@ -64,11 +64,15 @@ PLANS = {
     "cuda": dict(small_steps=3000, large_images=4_000_000, batches=[256, 1024, 4096, 16384, 65536],
                  precisions=["bf16"], reference_steps=1500, fast_config="configs/fast_gpu.yaml"),
 }
+# The speed package's CPU rewrites (opt-in; configs/fast_cpu.yaml sets them): the CPU rows of
+# the batch sweep use them, as the best CPU setting does.
+CPU_REWRITES = ["perf.cpu_layers=true", "perf.reuse_host_memory=true"]
 # Section tuning: settings tried at one batch size (--batch, or the sweep's fastest).
 TUNING = {
     "cpu": [["train.mixed_precision=no", "perf.channels_last=false"], ["train.mixed_precision=no", "perf.channels_last=true"],
-            ["train.mixed_precision=no", "perf.channels_last=true", "perf.reuse_host_memory=false"],
-            ["train.mixed_precision=no", "perf.channels_last=true", "perf.cpu_layers=false"],
+            ["train.mixed_precision=no", "perf.channels_last=true", "perf.reuse_host_memory=true"],
+            ["train.mixed_precision=no", "perf.channels_last=true", "perf.cpu_layers=true"],
+            ["train.mixed_precision=no", "perf.channels_last=true", *CPU_REWRITES],
             ["train.mixed_precision=no", "perf.channels_last=true", "perf.compile=true"]],
     "cuda": [["train.mixed_precision=bf16", "perf.channels_last=true"],
              ["train.mixed_precision=bf16", "perf.channels_last=true", "perf.cudnn_benchmark=true"],
@@ -402,9 +406,10 @@ def main() -> int:
             ("ours, batch 20 fp32, NCHW", ["perf.channels_last=false"]),
             ("ours, batch 20 fp32 (defaults: channels_last)", []),
         ]
-        if args.device == "cpu":  # the allocator setting alone, in our job and in the reference
-            variants.insert(1, ("ours, batch 20 fp32, channels_last, malloc as is", ["perf.reuse_host_memory=false"]))
-            variants.insert(2, ("ours, batch 20 fp32, channels_last, nn's layers", ["perf.cpu_layers=false"]))
+        if args.device == "cpu":  # the speed package's CPU rewrites, alone and together; the allocator in the reference
+            variants.append(("ours, batch 20 fp32, + perf.reuse_host_memory", ["perf.reuse_host_memory=true"]))
+            variants.append(("ours, batch 20 fp32, + perf.cpu_layers", ["perf.cpu_layers=true"]))
+            variants.append(("ours, batch 20 fp32, + both (fast_cpu.yaml's perf settings)", CPU_REWRITES))
             ref_reused, _ = reference(args, reference_steps, reuse_host_memory=True)
             speed_rows.append(_versus(ref_reused, base_rate))
             print(speed_rows[-1], flush=True)
@@ -423,7 +428,7 @@ def main() -> int:
         for precision in plan["precisions"]:
             for batch in plan["batches"]:
                 overrides = [f"train.per_device_batch_size={batch}", f"train.mixed_precision={precision}",
-                             "perf.channels_last=true"]
+                             "perf.channels_last=true", *(CPU_REWRITES if args.device == "cpu" else [])]
                 rows.append({"batch": batch, **ours(f"batch {batch}, {precision}", args, overrides, large_steps(batch))})
                 print(rows[-1], flush=True)
                 save()
@@ -448,16 +453,17 @@ def main() -> int:
             # One process against two of one thread each, at the same global batch of 128,
             # then two processes at smaller batches (small batches are no slower per image here).
             for processes, per_device in ((1, 128), (2, 64), (2, 32), (2, 20)):
-                overrides = [f"train.per_device_batch_size={per_device}", "perf.channels_last=true"]
+                overrides = [f"train.per_device_batch_size={per_device}", "perf.channels_last=true", *CPU_REWRITES]
                 global_batch = processes * per_device
                 rows.append({"batch": global_batch, **ours(f"{processes} process(es) x {per_device}, no", args,
                                                            overrides, large_steps(global_batch), processes=processes)})
                 print(rows[-1], flush=True)
                 save()
 
-    if "confirm" in sections and "scaling" not in sections:  # alone: at --batch, the default settings
+    if "confirm" in sections and "scaling" not in sections:  # alone: at --batch, the best CPU settings
         batch = args.batch or 20
-        confirm([f"train.per_device_batch_size={batch}"], batch, args.confirm if args.confirm is not None else 3)
+        rewrites = CPU_REWRITES if args.device == "cpu" else []
+        confirm([f"train.per_device_batch_size={batch}", *rewrites], batch, args.confirm if args.confirm is not None else 3)
 
     if "tuning" in sections:
         batch = args.batch or (best["batch"] if "scaling" in sections and measured else None)

@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 MAIN = REPO / "train" / "main.py"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped, here in one place, where there is no CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def _mnist_root() -> Path:
     return Path(os.environ.get("MNIST_ROOT", REPO.parent / "shared" / "data"))
 

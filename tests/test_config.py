@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from train.config import Config, ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -121,3 +125,53 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # decreasing after the warm-up
     const = load_config(None).train
     assert {const.lr_at(s, 109, 0.3) for s in range(109)} == {0.3}
+
+
+def test_a_config_error_is_reported_before_torch_is_imported():
+    probe = ("import sys; from train.main import main; code = main(['train.epocs=1']); "
+             "print('torch' in sys.modules); sys.exit(code)")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "False\n", r
+    assert r.stderr.startswith("error: unknown config key 'train.epocs'")
+
+
+def test_the_configs_model_names_are_the_models_model_py_builds():
+    from train.config import MODEL_NAMES
+    from train.model import MODELS
+
+    assert MODEL_NAMES == tuple(MODELS)
+
+
+def test_a_retired_key_loads_when_off_and_says_where_it_went_when_on(tmp_path):
+    saved = tmp_path / "config.yaml"  # as a run of an earlier version wrote it
+    saved.write_text("perf:\n  channels_last: true\n  fuse_first_block: false\n")
+    assert load_config(saved).perf.channels_last
+    with pytest.raises(ConfigError, match="'perf.fuse_first_block' was removed .*docs/performance.md"):
+        load_config(None, ["perf.fuse_first_block=true"])
+
+
+def _flat_defaults(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _flat_defaults(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def test_the_readme_settings_table_lists_every_key_with_its_default():
+    import yaml
+
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[1].startswith("`"):
+            keys = [k.strip(" `") for k in cells[0].split(" / ")]
+            values = [v.strip(" `") for v in cells[1].split(" / ")]
+            values = values * len(keys) if len(values) == 1 else values  # one default shared by the row's keys
+            if all(k.replace(".", "").replace("_", "").isalnum() for k in keys) and len(keys) == len(values):
+                rows.update(zip(keys, values))
+    defaults = dict(_flat_defaults(Config()))
+    assert set(rows) == set(defaults), (set(defaults) - set(rows), set(rows) - set(defaults))
+    for key, shown in rows.items():
+        assert yaml.safe_load(shown) == defaults[key] or shown == str(defaults[key]), (key, shown, defaults[key])

@@ -1,4 +1,4 @@
-"""The CPU forms of train/cpu_layers.py compute what the layers they replace compute."""
+"""The CPU forms of train/speed/cpu_layers.py compute what the layers they replace compute."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import load_weights, run_main
-from train.cpu_layers import ConvToOne, Upsample2x, cpu_layers_unsupported, use_cpu_layers
+from train.speed.cpu_layers import ConvToOne, Upsample2x, cpu_layers_unsupported, use_cpu_layers
 from train.model import ConvDenoiser, UNet
 
 SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
@@ -109,18 +109,19 @@ def test_the_forms_apply_to_fp32_eager_cpu_runs_only(device, precision, compiled
 
 
 def test_the_job_uses_the_cpu_forms_unless_told_not_to(tiny_mnist, tmp_path):
-    """main.py swaps them in on a CPU in fp32 (the default), and says why where it does not."""
-    patched = ("import sys, train.cpu_layers as c; calls = []; real = c.use_cpu_layers; "
+    """main.py swaps them in on a CPU in fp32 when asked (not by default), and says why where it does not."""
+    patched = ("import sys, train.speed.cpu_layers as c; calls = []; real = c.use_cpu_layers; "
                "c.use_cpu_layers = lambda m: calls.append(real(m)) or calls[-1]; "
                "from train.main import main; code = main(sys.argv[2:]); print('calls', calls); sys.exit(code)")
     base = SMALL + [f"data.root={tiny_mnist}", "train.max_steps=2"]
-    runs = {"default": ([], "calls [6]", None), "off": (["perf.cpu_layers=false"], "calls []", None),
-            "bf16": (["train.mixed_precision=bf16"], "calls []", "perf.cpu_layers not applied: mixed precision bf16")}
+    runs = {"on": (["perf.cpu_layers=true"], "calls [6]", None), "default": ([], "calls []", None),
+            "bf16": (["perf.cpu_layers=true", "train.mixed_precision=bf16"], "calls []",
+                     "perf.cpu_layers not applied: mixed precision bf16")}
     for name, (setting, calls, said) in runs.items():
         result = run_main(base + setting + [f"output_dir={tmp_path / name}"], launcher=[sys.executable, "-c", patched],
                           env={"CUDA_VISIBLE_DEVICES": ""})  # a CPU run, on a GPU machine too
         assert result.returncode == 0, result.stderr[-3000:]
         assert calls in result.stdout
         assert (said in result.stdout + result.stderr) if said else "perf.cpu_layers not applied" not in result.stdout
-    for k, v in load_weights(tmp_path / "off").items():  # two steps apart by rounding only
-        torch.testing.assert_close(load_weights(tmp_path / "default")[k], v, rtol=1e-4, atol=1e-6)
+    for k, v in load_weights(tmp_path / "default").items():  # two steps apart by rounding only
+        torch.testing.assert_close(load_weights(tmp_path / "on")[k], v, rtol=1e-4, atol=1e-6)

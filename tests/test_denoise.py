@@ -189,7 +189,6 @@ def test_inputs_are_never_overwritten_and_odd_images_are_handled(run_dir, digits
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_gives_the_cpu_result(run_dir, digits, tmp_path):
     np.save(tmp_path / "b.npy", digits)
     for device in ("cpu", "cuda"):

@@ -246,7 +246,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_stop_vote_on_a_gpu_does_not_wait_for_the_step_queued_after_it():
     from types import SimpleNamespace
 

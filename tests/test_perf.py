@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from conftest import REPO, load_weights, read_metrics, run_main
 from train import noise
 from train.config import ConfigError, load_config
-from train.cuda_graph import CapturedStep
 from train.data import EpochOrder, Split
 from train.loop import batch_maker, build_optimizer, epoch_batches
 from train.model import ConvDenoiser, UNet
-from train.thin_conv import PaddedConv2d, pad_thin_convs
+from train.speed.cuda_graph import CapturedStep
+from train.speed.thin_conv import PaddedConv2d, pad_thin_convs
 
 SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _ok(result):
@@ -195,29 +194,84 @@ def test_only_thin_plain_convs_are_padded():
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_apply_perf_applies_each_setting_and_says_which_do_not_apply_here(precision, monkeypatch):
-    """The job's one path from `perf.*` to the model: the fusing before the padding (which
-    matches plain convs only), cuDNN's kernel choice, and a note for what does not apply."""
-    from train.first_block import FusedFirstBlock
+    """The job's one path from `perf.*` to the model: the rewrites asked for, cuDNN's kernel
+    choice, and a note for what does not apply."""
     from train.perf import apply_perf
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     model = ConvDenoiser()
     names = list(model.state_dict())
-    perf = load_config(None, ["perf.fuse_first_block=true", "perf.pad_thin_convs=true"]).perf
+    perf = load_config(None, ["perf.pad_thin_convs=true", "perf.cpu_layers=true"]).perf
     notes = apply_perf(model, perf, "cpu", precision)
-    assert type(model.encoder[0]) is FusedFirstBlock and type(model.decoder[6]) is PaddedConv2d
+    assert type(model.encoder[0]) is PaddedConv2d and type(model.decoder[6]) is PaddedConv2d
     assert model.decoder[6].weight.is_contiguous(memory_format=torch.channels_last)  # perf.channels_last's default
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert list(model.state_dict()) == names  # checkpoints do not change
-    assert any(n.startswith("perf.fuse_first_block on cpu") for n in notes)
     cpu_forms = type(model.decoder[2]) is not torch.nn.ConvTranspose2d  # kernel 2, stride 2: a CPU form
     assert cpu_forms == (precision == "no")
     assert any(n.startswith("perf.cpu_layers not applied: mixed precision bf16") for n in notes) == (precision == "bf16")
 
 
+def test_the_default_run_trains_model_py_as_written_without_the_speed_package(tiny_mnist, tmp_path):
+    """No layer swapped and train.speed never imported unless a perf.* setting asks."""
+    probe = ("import sys, train.perf as p, train.model as m; real = p.apply_perf; seen = []\n"
+             "def spy(model, *a):\n"
+             "    notes = real(model, *a); seen.append([type(x) for x in model.modules()]); return notes\n"
+             "p.apply_perf = spy\n"
+             "from train.main import main; code = main(sys.argv[2:])\n"
+             "print('as written', seen == [[type(x) for x in m.ConvDenoiser().modules()]])\n"
+             "print('speed', sorted(n for n in sys.modules if n.startswith('train.speed'))); sys.exit(code)")
+    base = SMALL + [f"data.root={tiny_mnist}", "train.max_steps=2"]
+    result = _ok(run_main(base + [f"output_dir={tmp_path / 'default'}"], launcher=[sys.executable, "-c", probe],
+                          env={"CUDA_VISIBLE_DEVICES": ""}))
+    assert "as written True" in result.stdout and "speed []" in result.stdout
+    result = _ok(run_main(base + [f"output_dir={tmp_path / 'fast'}", "--config", "configs/fast_cpu.yaml"],
+                          launcher=[sys.executable, "-c", probe], env={"CUDA_VISIBLE_DEVICES": ""}))
+    assert "as written False" in result.stdout
+    assert "speed ['train.speed', 'train.speed.cpu_layers', 'train.speed.host_memory']" in result.stdout
+
+
+def _imports(path) -> set[str]:
+    """The train.* modules a file imports, anywhere in it (function-level imports too)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.startswith("train.")}
+
+
+def test_the_core_imports_the_speed_package_only_where_a_setting_asks_and_has_no_import_cycle():
+    import ast
+
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (REPO / "train").rglob("*.py")}
+    for name, path in modules.items():
+        if name.startswith("train.speed"):
+            continue
+        top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        imported = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
+        assert not any(m.startswith("train.speed") for m in imported), f"{name} imports train.speed unconditionally"
+    graph = {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + [name])}"
+        if name not in done:
+            for dep in graph[name]:
+                visit(dep, path + [name])
+            done.add(name)
+
+    for name in graph:
+        visit(name, [])
+
+
 # -- on a GPU ------------------------------------------------------------------------------
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_cuda_graph_run_matches_the_eager_run(mnist_root, tmp_path, precision):
@@ -234,7 +288,6 @@ def test_cuda_graph_run_matches_the_eager_run(mnist_root, tmp_path, precision):
     assert any("memory/max_allocated_gib" in m for m in lg)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_padded_thin_convs_compute_what_the_plain_ones_do_on_a_gpu(precision):
@@ -247,7 +300,6 @@ def test_padded_thin_convs_compute_what_the_plain_ones_do_on_a_gpu(precision):
         assert (g_pad - g).abs().max() <= tol * g.abs().max(), (g_pad - g).abs().max()
 
 
-@gpu
 @pytest.mark.gpu
 def test_the_fastest_gpu_settings_train_like_the_plain_run(mnist_root, tmp_path):
     """A compiled model with padded thin convs, replayed as a CUDA graph (the large-batch
@@ -265,7 +317,6 @@ def test_the_fastest_gpu_settings_train_like_the_plain_run(mnist_root, tmp_path)
     assert end_fast["eval/psnr_db"] > end_fast["eval/noisy_psnr_db"] + 2
 
 
-@gpu
 @pytest.mark.gpu
 def test_cuda_graph_run_resumes_exactly(mnist_root, tmp_path):
     """Stopped after 60 steps and resumed (a new capture from the checkpoint's state), the
@@ -289,7 +340,7 @@ def test_cuda_graph_run_resumes_exactly(mnist_root, tmp_path):
 _FAULTS_PER_STEP = """
 import resource, sys
 import torch
-from train.host_memory import keep_freed_host_memory
+from train.speed.host_memory import keep_freed_host_memory
 from train.model import ConvDenoiser
 kept = sys.argv[1] == "keep" and keep_freed_host_memory()
 model = ConvDenoiser().to(memory_format=torch.channels_last)
@@ -328,14 +379,14 @@ def test_reused_host_memory_takes_the_page_faults_out_of_a_step():
 
 
 def test_the_job_keeps_freed_host_memory_unless_told_not_to(tiny_mnist, tmp_path):
-    """main.py makes the call once per process when perf.reuse_host_memory is on (the
+    """main.py makes the call once per process when perf.reuse_host_memory is on (off by
     default), and says so where the C library cannot take it."""
     # run_main puts main.py's path first, so the job's own arguments start at argv[2].
-    patched = ("import sys, train.host_memory as h; calls = []; "
+    patched = ("import sys, train.speed.host_memory as h; calls = []; "
                "h.keep_freed_host_memory = lambda: calls.append(1) or False; "
                "from train.main import main; code = main(sys.argv[2:]); print('calls', len(calls)); sys.exit(code)")
     base = SMALL + [f"data.root={tiny_mnist}", "train.max_steps=2"]
-    for setting, calls in (([], 1), (["perf.reuse_host_memory=false"], 0)):
+    for setting, calls in ((["perf.reuse_host_memory=true"], 1), ([], 0)):
         result = run_main(base + setting + [f"output_dir={tmp_path / str(calls)}"],
                           launcher=[sys.executable, "-c", patched])
         _ok(result)

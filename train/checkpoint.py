@@ -14,6 +14,7 @@ Checkpoints live on a filesystem all ranks share (as `output_dir` does on a clus
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -22,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from train.errors import UserError, brief
+from train.lock import RunLock
+from train.status import STATUS_FILE, read_status, settle
 from train.preemption import maybe_inject_fault
 
 CHECKPOINTS = "checkpoints"
@@ -156,6 +160,68 @@ def _prunable(output_dir: Path, keep_last: int) -> list[Path]:
         return []
     oldest_kept = int(intact[-1].name[5:])
     return [p for p in _step_dirs(output_dir) if int(p.name[5:]) < oldest_kept]
+
+
+def compat_of(cfg, plan, mixed_precision: str) -> dict[str, object]:
+    """What a checkpoint must share with this run to resume it: the weights' shapes, the
+    global micro-batch (which fixes the data order) and the accumulation (which groups it
+    into optimizer steps), the seed, the data, the precision, and where the learning rate
+    depends on the step, its schedule. (`cfg`: the run's Config; `plan`: its BatchPlan.)"""
+    tc = cfg.train
+    compat = {
+        "model.name": cfg.model.name,
+        **({"model.settings": cfg.model.settings()} if cfg.model.settings() else {}),  # they set the weights' shapes
+        "global_micro_batch": plan.global_micro_batch,
+        "train.gradient_accumulation_steps": plan.accumulation,
+        "train.seed": tc.seed,
+        "data.train_samples": cfg.data.train_samples,
+        "mixed_precision": mixed_precision,
+    }
+    if tc.lr_schedule != "constant" or tc.warmup_steps:  # the learning rate of each step depends on these
+        compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
+                       "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
+    return compat
+
+
+def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> list[str]:
+    """Create output_dir and take its run lock (the main process), before anything in it is read
+    or changed; every rank learns the outcome. Then, holding the lock, it records a killed
+    run's stale `running` as failed and removes unfinished saves. Returns notes for the log."""
+    notes, error = [], None
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(output_dir, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            warning = RunLock(output_dir).acquire()  # held until this process ends
+            notes += [warning] if warning else []
+            previous = read_status(output_dir / STATUS_FILE)
+            if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
+                settle(output_dir, holding_lock=True)
+                notes.append(f"the previous run in {output_dir} was killed without recording an outcome (it said "
+                             f"'running' at step {previous['step']}); recorded it as failed")
+            notes += remove_unfinished(output_dir)
+        except UserError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot write to output_dir {output_dir} ({e.strerror}): choose a writable folder"
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise UserError(error)
+    return notes
+
+
+def pick_resume(output_dir: Path, resume: str, notes: list[str]) -> Path | None:
+    """The checkpoint to resume from (damaged ones skipped are reported in `notes`); refuses
+    checkpoint.resume=none where it would overwrite another run's checkpoints."""
+    resume_from = find_resume(output_dir, resume, warn=notes.append)
+    if resume_from is None and resume == "none" and has_checkpoints(output_dir):
+        raise UserError(
+            f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
+            f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
+        )
+    return resume_from
 
 
 def _differs(saved: object, now: object, default: object) -> bool:

@@ -19,8 +19,10 @@ from typing import Any
 import yaml
 
 from train.errors import UserError
-from train.model import MODELS
-from train.noise import NoiseSpec
+
+# The models train/model.py builds (its MODELS; a test holds the two equal). Named here so that
+# a config is checked without importing torch: a typo is reported at once.
+MODEL_NAMES = ("conv_denoiser", "unet")
 
 
 class ConfigError(UserError):
@@ -52,6 +54,21 @@ class DataConfig:
 
 
 NOISE_KINDS = ("gaussian", "salt_pepper")
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """How clean digits are corrupted: `kind`, at a level per sample uniform in [low, high]
+    (one fixed level when low == high). The level is the Gaussian std in pixel units, or
+    the fraction of salt-and-pepper pixels."""
+
+    kind: str = "gaussian"
+    low: float = 0.5
+    high: float = 0.5
+
+    def describe(self) -> str:
+        level = f"{self.low:g}" if self.low == self.high else f"{self.low:g}-{self.high:g} per sample"
+        return f"{self.kind} {level}"
 
 
 @dataclass
@@ -115,8 +132,7 @@ class ModelConfig:
     """settings of the unet model (ignored by the others)"""
 
     def __post_init__(self) -> None:
-        names = tuple(MODELS)
-        _check(self.name in names, "model.name", f"must be one of {names}, got '{self.name}'")
+        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got '{self.name}'")
 
     def settings(self) -> dict[str, Any]:
         """Keyword arguments of the chosen model: its own section, if it has one."""
@@ -188,6 +204,12 @@ class TrainConfig:
         _check(self.collective_timeout_s >= 10, "train.collective_timeout_s",
                f"must be >= 10 seconds, got {self.collective_timeout_s}")
 
+    def plan(self, processes: int) -> "BatchPlan":
+        """The run's batch sizes and peak learning rate on `processes` processes."""
+        global_batch = self.per_device_batch_size * processes * self.gradient_accumulation_steps
+        return BatchPlan(self.per_device_batch_size, processes, self.gradient_accumulation_steps,
+                         self.effective_lr(global_batch))
+
     def effective_lr(self, global_batch: int) -> float:
         """The learning rate for `global_batch` images per optimizer step, by lr_scaling."""
         ratio = global_batch / self.lr_reference_batch
@@ -205,18 +227,42 @@ class TrainConfig:
         return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch sizes and the peak learning rate, computed once per run (TrainConfig.plan) and
+    passed to whatever needs them, so each name means one thing everywhere."""
+
+    per_device_batch_size: int
+    processes: int
+    accumulation: int
+    """micro-steps per optimizer step"""
+    peak_lr: float
+    """the learning rate train.lr_scaling gives for global_batch (the schedule's peak)"""
+
+    @property
+    def global_micro_batch(self) -> int:
+        """images per micro-step over all processes: it fixes the data order"""
+        return self.per_device_batch_size * self.processes
+
+    @property
+    def global_batch(self) -> int:
+        """images per optimizer step: the learning rate follows it"""
+        return self.global_micro_batch * self.accumulation
+
+
 @dataclass
 class PerfConfig:
-    """Speed settings. None changes what is computed beyond floating-point rounding; see
-    docs/performance.md for what each one is worth on which hardware."""
+    """Speed settings. None changes what is computed beyond floating-point rounding; what each
+    is worth on which hardware is in docs/performance.md, not here. The rewrites
+    (pad_thin_convs, reuse_host_memory, cpu_layers, cuda_graphs) live in train/speed/ and are
+    off by default, so the default run trains train/model.py as written."""
 
     channels_last: bool = True
     """keep weights and activations in NHWC, which oneDNN (CPU) and cuDNN's tensor-core
-    kernels prefer: 1.3x on a CPU at batch 20, 1.2x on an H100 at large batches (0.9x with
-    cuda_graphs at batch 20)"""
+    kernels prefer (faster on the CPUs and GPUs measured, except under cuda_graphs at batch 20)"""
     compile: bool = False
     """torch.compile the model and the training noise (inductor); the first steps pay the
-    compile time (GPU: ~15 s); slower on the CPUs measured"""
+    compile time; slower on the CPUs measured"""
     compile_mode: str = "default"
     """with compile: 'default', or 'max-autotune-no-cudagraphs' (times Triton kernels against
     cuDNN's for each convolution and matmul: minutes more of compiling)"""
@@ -225,22 +271,17 @@ class PerfConfig:
     kernels only, so a GPU run repeats bit for bit and resumes exactly; on, it does not"""
     pad_thin_convs: bool = False
     """compute the convs with one input or output channel (the first and last) as 8-channel
-    ones, zero-padded, which cuDNN runs on its NHWC tensor-core kernels (GPU; train/thin_conv.py).
+    ones, zero-padded, which cuDNN runs on its NHWC tensor-core kernels (GPU; train/speed/thin_conv.py).
     Slower on the CPUs measured"""
-    fuse_first_block: bool = False
-    """compute the first conv (1 -> 32), its ReLU and its 2x2 max-pool as one op with its own
-    backward (GPU: two Triton kernels; train/first_block.py): no 32-channel 28x28 tensor is
-    stored, and the backward recomputes the conv from the input. Elsewhere it runs as plain
-    tensor ops, slower than the library's conv. Not yet timed on a GPU"""
-    reuse_host_memory: bool = True
+    reuse_host_memory: bool = False
     """keep the host memory each step frees in the process for the next step (glibc's malloc
-    thresholds; train/host_memory.py) instead of page-faulting it in again: CPU batch 64
-    1.9x, 128 to 256 1.7x; batch 20 has no faults to remove"""
-    cpu_layers: bool = True
+    thresholds; train/speed/host_memory.py) instead of page-faulting it in again (CPU, batches
+    of 64 and more; batch 20 has no faults to remove)"""
+    cpu_layers: bool = False
     """on a CPU in fp32 without compile: compute the last conv (32 -> 1) and the kernel-2
     stride-2 transposed convs as matrix products, and max-pool before ReLU
-    (train/cpu_layers.py); the same results up to rounding, a training step 1.1x to 1.3x
-    (the most at large batches). Not applied on a GPU, under bf16 or with compile"""
+    (train/speed/cpu_layers.py); the same results up to rounding, faster the larger the batch.
+    Not applied on a GPU, under bf16 or with compile"""
     cuda_graphs: bool = False
     """replay each optimizer step as one captured CUDA graph (one process on one GPU; no
     fp16, no gradient accumulation): removes the per-kernel launch cost that dominates small batches"""
@@ -324,10 +365,6 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.output_dir != "", "output_dir", "must not be empty")
-        # Only the reference model has the block (conv from one channel -> ReLU -> 2x2 max-pool).
-        _check(not self.perf.fuse_first_block or self.model.name == "conv_denoiser", "perf.fuse_first_block",
-               f"needs model.name=conv_denoiser (model {self.model.name} has no such first block): "
-               "set perf.fuse_first_block=false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -355,6 +392,12 @@ def _coerce(value: Any, expected: type, key: str) -> Any:
     raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {shown}")
 
 
+# Keys that earlier versions wrote into config.yaml, with the value that means "off": a saved
+# config with that value still loads (for denoise, or --config OUTPUT_DIR/config.yaml).
+RETIRED = {"perf.fuse_first_block": (False, "was removed (never timed on a GPU, slower on CPUs); "
+                                            "docs/performance.md names the commit that holds it")}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -362,6 +405,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if key in RETIRED:
+            off, why = RETIRED[key]
+            if value == off:
+                continue
+            raise ConfigError(f"config key '{key}' {why}: delete it from the config")
         if name not in fields:
             valid = [f"{prefix}{n}" for n in fields]
             near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
@@ -432,7 +480,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = child
         node[keys[-1]] = value
     return _build(Config, values, "")
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

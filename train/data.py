@@ -1,6 +1,6 @@
 """MNIST as two uint8 tensors on the training device, and the per-rank order of its samples.
 
-MNIST is 47 MB: it lives on the device for the whole run and batches are gathered there by
+MNIST is small (47 MB as uint8): it lives on the device for the whole run and batches are gathered there by
 index, so there is no DataLoader, no per-sample Python and no host-to-device copy per step.
 The training order is torch's `DistributedSampler`'s (shuffled by seed and epoch), computed
 with tensor ops (EpochOrder) and never passed through `accelerator.prepare`, which would
@@ -123,8 +123,8 @@ class EpochOrder:
 
     def __init__(self, num_samples: int, per_device_batch_size: int, num_replicas: int, rank: int, seed: int):
         self.per_device_batch_size = per_device_batch_size
-        global_batch = per_device_batch_size * num_replicas
-        self.steps_per_epoch = num_samples // global_batch  # micro-steps
+        global_micro_batch = per_device_batch_size * num_replicas
+        self.steps_per_epoch = num_samples // global_micro_batch  # micro-steps
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"the training set ({num_samples} images) is smaller than one global micro-batch "
@@ -140,15 +140,14 @@ class EpochOrder:
         `epoch` (tests/test_data.py holds the two equal): the same seeded permutation, of which
         the rank takes positions rank, rank + world, rank + 2 world, ...; the sampler's padding
         lies past the last global batch and never enters. Tensor ops, not the sampler's
-        iterator, which builds Python lists: about 1 ms against 8 to 14 for MNIST here
-        (bench/epoch_order.py). It runs when an epoch starts, after the previous epoch's
-        checkpoint synced the device, so the device waits for it; at batch 16,384 an epoch is
-        3 steps, about 55 ms of an H100's kernels.
+        iterator, which builds Python lists: it runs when an epoch starts, after the previous
+        epoch's checkpoint synced the device, so the device waits for it, which matters when
+        an epoch is a few large steps (bench/epoch_order.py; docs/performance.md).
         """
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_samples, generator=generator)
-        global_batch = self.per_device_batch_size * self.num_replicas
-        used = order[self.rank : self.steps_per_epoch * global_batch : self.num_replicas].contiguous()
+        global_micro_batch = self.per_device_batch_size * self.num_replicas
+        used = order[self.rank : self.steps_per_epoch * global_micro_batch : self.num_replicas].contiguous()
         used = used.view(self.steps_per_epoch, self.per_device_batch_size)
         if device.type == "cuda":  # the one host-to-device copy of an epoch, off the critical path
             return used.pin_memory().to(device, non_blocking=True)

@@ -21,8 +21,7 @@ from torchvision.utils import save_image
 
 from train import checkpoint, metrics, noise
 from train.checkpoint import TrainerState
-from train.config import Config
-from train.cuda_graph import CapturedStep
+from train.config import BatchPlan, Config
 from train.data import EpochOrder, Split
 from train.errors import UserError
 from train.preemption import Preempted, StopFlag, maybe_inject_fault
@@ -82,7 +81,6 @@ def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: no
     """A PNG with one column per digit and rows noisy / denoised / clean."""
     clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), spec, seed)
     out = model(noisy).float()
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.cat([noisy, out, clean]), str(path), nrow=len(indices), padding=2, pad_value=0.5)
 
 
@@ -104,8 +102,29 @@ def epoch_batches(make: BatchMaker, epoch_indices: torch.Tensor,
                   key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every (clean, noisy) micro-batch of an epoch at once, shaped (steps, batch, C, H, W):
     the same values `make` gives step by step, in one pass of ~45 kernels instead of one per
-    step (376 MB for MNIST's 60,000 images, milliseconds on a GPU)."""
+    step."""
     return tuple(t.view(*epoch_indices.shape, *t.shape[1:]) for t in make(epoch_indices.flatten(), key))
+
+
+class EagerStep:
+    """The training loop's step: `batches(epoch_indices, key)` gives each micro-step's batch,
+    and a call runs one micro-step (forward, backward; at a window's end the optimizer step).
+    perf.cuda_graphs swaps in train.speed.cuda_graph.CapturedStep, which has the same two."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    def batches(self, epoch_indices: torch.Tensor, key: torch.Tensor) -> Callable[[int], tuple]:
+        make = self.trainer.make_batch
+        return lambda m: make(epoch_indices[m], key)
+
+    def __call__(self, clean: torch.Tensor, noisy: torch.Tensor, micro_step: int) -> torch.Tensor:
+        t = self.trainer
+        loss = t._micro_step(clean, noisy, micro_step)
+        if t.schedule.is_boundary(micro_step):
+            t._maybe_set_lr()
+            t._optimizer_step()
+        return loss
 
 
 def build_optimizer(model: nn.Module, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
@@ -118,19 +137,17 @@ def build_optimizer(model: nn.Module, lr: float, capturable: bool = False) -> to
 class Trainer:
     """Owns the run's moving parts; `fit()` trains from `state` to the end of the schedule."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 train_split: Split, test_split: Split, state: TrainerState, tracker: NullTracker,
-                 stop: StopFlag | None = None) -> None:
-        self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
+    def __init__(self, cfg: Config, plan: BatchPlan, accelerator: Accelerator, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, train_split: Split, test_split: Split, state: TrainerState,
+                 tracker: NullTracker, stop: StopFlag | None = None) -> None:
+        self.cfg, self.plan, self.accelerator, self.model, self.optimizer = cfg, plan, accelerator, model, optimizer
         self.train_split, self.test_split, self.state, self.tracker = train_split, test_split, state, tracker
         self.stop = stop or StopFlag()
         self.output_dir = Path(cfg.output_dir)
         tc = cfg.train
-        self.order = EpochOrder(len(train_split), tc.per_device_batch_size, accelerator.num_processes,
+        self.order = EpochOrder(len(train_split), plan.per_device_batch_size, plan.processes,
                                 accelerator.process_index, tc.seed)
-        self.schedule = Schedule(self.order.steps_per_epoch, tc.gradient_accumulation_steps, tc.epochs, tc.max_steps)
-        self.global_batch = tc.per_device_batch_size * accelerator.num_processes  # images per micro-step
-        self.peak_lr = tc.effective_lr(self.global_batch * tc.gradient_accumulation_steps)
+        self.schedule = Schedule(self.order.steps_per_epoch, plan.accumulation, tc.epochs, tc.max_steps)
         self.scheduled_lr = tc.lr_schedule != "constant" or tc.warmup_steps > 0
         self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
         make_batch = batch_maker(train_split, cfg.noise.train_spec())
@@ -140,13 +157,7 @@ class Trainer:
         self._settle_gradient_buckets()
         self.seconds = {"evaluation": 0.0, "checkpoints": 0.0}  # wall time of this process, by activity
         self.counts = {"evaluation": 0, "checkpoints": 0}
-        self.captured: CapturedStep | None = None
-        if cfg.perf.cuda_graphs:  # perf.check_perf allowed it: one process, no accumulation
-            t0 = time.perf_counter()
-            shape = (tc.per_device_batch_size, *train_split.images.shape[1:])
-            self.captured = CapturedStep(self._graph_step, torch.rand(shape, device=accelerator.device), model,
-                                         optimizer)
-            tracker.info(f"captured one optimizer step as a CUDA graph in {time.perf_counter() - t0:.1f} s")
+        self.step = EagerStep(self) if not cfg.perf.cuda_graphs else self._capture_step()
 
     def _settle_gradient_buckets(self) -> None:
         """One throw-away backward pass, so every real step all-reduces in the same layout.
@@ -184,7 +195,7 @@ class Trainer:
         """The scheduled learning rate of the coming optimizer step (a function of the step)."""
         if not self.scheduled_lr:
             return
-        lr = self.cfg.train.lr_at(self.state.step, self.schedule.total_steps, self.peak_lr)
+        lr = self.cfg.train.lr_at(self.state.step, self.schedule.total_steps, self.plan.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -193,6 +204,18 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()  # under fp16, the scaler skips steps with inf/NaN gradients
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _capture_step(self):
+        """The CUDA-graph step (perf.check_perf allowed it: one process, no accumulation)."""
+        from train.speed.cuda_graph import CapturedStep
+
+        t0 = time.perf_counter()
+        shape = (self.cfg.train.per_device_batch_size, *self.train_split.images.shape[1:])
+        captured = CapturedStep(self._graph_step, torch.rand(shape, device=self.accelerator.device), self.model,
+                                self.optimizer, make_epoch=lambda indices, key: epoch_batches(self.make_batch,
+                                                                                               indices, key))
+        self.tracker.info(f"captured one optimizer step as a CUDA graph in {time.perf_counter() - t0:.1f} s")
+        return captured
 
     def _graph_step(self, clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         """A whole optimizer step (accumulation is 1 here): what CapturedStep records."""
@@ -209,27 +232,19 @@ class Trainer:
             return
         self.stop.deferred = True  # from here a stop request waits for the next optimizer step and its checkpoint
         self.tracker.progress(total=total, initial=s.step)
-        window = _ThroughputWindow(self.accelerator, self.global_batch)
+        window = _ThroughputWindow(self.accelerator, self.plan.global_micro_batch)
         started = time.perf_counter()
         while s.step < total and s.epoch < sched.epochs:
             epoch_indices = self.order.epoch_indices(s.epoch, self.accelerator.device)
             # The epoch's noise stream as a device tensor: a compiled make_batch serves every epoch.
             key = torch.tensor(noise.stream_key(cfg.train.seed, s.epoch), dtype=torch.int32,
                                device=self.accelerator.device)
-            if self.captured is not None:  # the graph holds only the model's and optimizer's kernels
-                clean_all, noisy_all = epoch_batches(self.make_batch, epoch_indices, key)
+            batch = self.step.batches(epoch_indices, key)
             while s.micro_step < sched.micro_steps_per_epoch and s.step < total:
                 m = s.micro_step
-                boundary = sched.is_boundary(m)
-                if self.captured is not None:  # forward, backward and optimizer step in one graph
-                    window.add_loss(self.captured.replay(clean_all[m], noisy_all[m]))
-                else:
-                    window.add_loss(self._micro_step(*self.make_batch(epoch_indices[m], key), m))
-                    if boundary:
-                        self._maybe_set_lr()
-                        self._optimizer_step()
+                window.add_loss(self.step(*batch(m), m))
                 s.micro_step += 1
-                if not boundary:
+                if not sched.is_boundary(m):
                     continue
                 s.step += 1
                 maybe_inject_fault("after_step", s.step, self.accelerator.process_index)
@@ -280,8 +295,8 @@ class Trainer:
 
     def _evaluate(self, epoch: float) -> None:
         # Evaluation's forward passes keep cuDNN's heuristic kernels even under
-        # perf.cudnn_benchmark: timing every algorithm for its own batch shapes costs ~1.5 s on
-        # an H100, more than all of a run's evaluations take.
+        # perf.cudnn_benchmark: timing every algorithm for its own batch shapes costs more than
+        # all of a run's evaluations take (docs/performance.md).
         benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
         try:
             self._score(epoch)
@@ -300,10 +315,8 @@ class Trainer:
             f"(noisy {result['eval/noisy_psnr_db']:.2f} dB), SSIM {result['eval/ssim']:.4f}, "
             f"MSE {result['eval/mse']:.5f}"
         )
-        if self.accelerator.is_main_process:
-            path = self.output_dir / "samples" / f"step_{self.state.step:08d}.png"
-            save_samples(model, self.test_split, self.sample_indices, ec.eval_spec(), ec.eval_seed, path)
-            self.tracker.log_image("eval/samples", path, self.state.step)
+        self.tracker.save_image("eval/samples", self.state.step, lambda path: save_samples(
+            model, self.test_split, self.sample_indices, ec.eval_spec(), ec.eval_seed, path))
         self._maybe_stop_collapsed(result)
 
     def _maybe_stop_collapsed(self, result: dict[str, float]) -> None:
@@ -352,8 +365,8 @@ class _ThroughputWindow:
     left out of throughput, as is time spent evaluating and saving.
     """
 
-    def __init__(self, accelerator: Accelerator, global_batch: int) -> None:
-        self.accelerator, self.global_batch = accelerator, global_batch
+    def __init__(self, accelerator: Accelerator, global_micro_batch: int) -> None:
+        self.accelerator, self.global_micro_batch = accelerator, global_micro_batch
         self.warm = False
         self.restart()
 
@@ -373,7 +386,7 @@ class _ThroughputWindow:
         if not self.warm:  # the clock starts after the warm-up step
             self.warm, self.t0 = True, time.perf_counter()
             return
-        self.images += micro_batches * self.global_batch
+        self.images += micro_batches * self.global_micro_batch
 
     def read(self) -> tuple[float, float | None]:
         """(mean train loss over all ranks, global images/s; None if only warm-up was timed)."""

@@ -20,8 +20,6 @@ non-zero status into 1); `python -m train.status OUTPUT_DIR` reads it.
 from __future__ import annotations
 
 import argparse
-import errno
-import json
 import os
 import secrets
 import signal
@@ -53,24 +51,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, status: RunStatus) -> int:
     from train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # all config errors before any heavy import
+    cfg = load_config(args.config, args.overrides)  # every config error before torch is imported
     output_dir = status.output_dir = Path(cfg.output_dir)
 
     import torch
 
     from train import checkpoint
-    from train.config import save_config
     from train.data import load_mnist, sample_limit_notes
     from train.distributed import build_accelerator, describe
-    from train.host_memory import keep_freed_host_memory
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
-    from train.perf import apply_perf, check_perf
+    from train.perf import apply_perf, check_perf, maybe_keep_freed_host_memory
     from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, ignore_stop_signals, watch_launcher
-    from train.tracking import build_tracker
+    from train.tracking import build_tracker, log_start
 
-    # Before the data and the model allocate anything: from here freed host memory is reused.
-    kept_host_memory = cfg.perf.reuse_host_memory and keep_freed_host_memory()
+    notes = maybe_keep_freed_host_memory(cfg.perf)  # before the data and the model allocate anything
     stop = StopFlag(on_abort=lambda signum: status.record(
         "failed", 128 + signum, f"stopped at once by a second stop signal ({signal.Signals(signum).name}); "
                                 f"run the same command to resume from the last intact checkpoint"))
@@ -79,8 +74,8 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         "failed", 1, "the launcher died and this worker could not stop cleanly in time"))
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     check_perf(cfg.perf, cfg.train, accelerator)
-    notes = _claim_output_dir(accelerator, output_dir)
-    resume_from = _pick_resume(accelerator, cfg, checkpoint, notes)
+    notes += checkpoint.claim_output_dir(accelerator, output_dir)
+    resume_from = checkpoint.pick_resume(output_dir, cfg.checkpoint.resume, notes)
 
     # Download once: the global main process first, then (for nodes without a shared
     # filesystem) each node's local main process, then everyone else reads the files.
@@ -88,40 +83,32 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
                                              cfg.data.train_samples, cfg.data.test_samples,
                                              cfg.data.download_timeout_s)
-
     notes += sample_limit_notes(cfg.data, train_split, test_split)
+
+    plan = cfg.train.plan(accelerator.num_processes)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model.name, **cfg.model.settings())
     notes += apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
-    if cfg.perf.reuse_host_memory and not kept_host_memory:
-        notes.append("perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
-                     "so malloc keeps its own settings")
-    global_batch = cfg.train.per_device_batch_size * accelerator.num_processes * cfg.train.gradient_accumulation_steps
-    lr = cfg.train.effective_lr(global_batch)
-    setup = {**describe(accelerator), "global_batch": global_batch, "lr": lr}
-    optimizer = build_optimizer(model, lr, capturable=cfg.perf.cuda_graphs)
+    optimizer = build_optimizer(model, plan.peak_lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    state = checkpoint.TrainerState(compat=_checkpoint_compat(cfg, accelerator))
+    state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision))
     if resume_from is not None:
         state = checkpoint.load(accelerator, resume_from, state.compat,
                                 defaults={"model.settings": cfg.model.default_settings()})
     status.accept(output_dir)  # only now: a refused resume leaves the folder as it was
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
-        (output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
-        status.record("running", 0)
-    if not state.run_id:
-        state.run_id = secrets.token_hex(4)  # the wandb run id; only the main process uses it
+    status.record("running", 0)
+    state.run_id = state.run_id or secrets.token_hex(4)  # the wandb run id; only the main process uses it
 
+    setup = {**describe(accelerator), "global_batch": plan.global_batch, "lr": plan.peak_lr}
     tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
                             resume_step=state.step if resume_from is not None else None)
-    _log_start(tracker, cfg, setup, model, notes)
+    tracker.write_run_files(cfg.to_dict(), setup)
+    log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
 
-    trainer = Trainer(cfg, accelerator, model, optimizer, train_split, test_split, state, tracker, stop)
+    trainer = Trainer(cfg, plan, accelerator, model, optimizer, train_split, test_split, state, tracker, stop)
     try:
         trainer.fit()
     except Preempted as p:
@@ -138,87 +125,6 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     accelerator.end_training()
     status.record("completed", 0)
     return 0
-
-
-def _checkpoint_compat(cfg, accelerator) -> dict[str, object]:
-    """What a checkpoint must share with this run to resume it: the weights' shapes, the
-    global micro-batch (which fixes the data order) and the accumulation (which groups it
-    into optimizer steps), the seed, the data, the precision, and where the learning rate
-    depends on the step, its schedule."""
-    tc = cfg.train
-    compat = {
-        "model.name": cfg.model.name,
-        **({"model.settings": cfg.model.settings()} if cfg.model.settings() else {}),  # they set the weights' shapes
-        "global_micro_batch": tc.per_device_batch_size * accelerator.num_processes,
-        "train.gradient_accumulation_steps": tc.gradient_accumulation_steps,
-        "train.seed": tc.seed,
-        "data.train_samples": cfg.data.train_samples,
-        "mixed_precision": accelerator.mixed_precision,
-    }
-    if tc.lr_schedule != "constant" or tc.warmup_steps:  # the learning rate of each step depends on these
-        compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
-                       "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
-    return compat
-
-
-def _log_start(tracker, cfg, setup: dict[str, object], model, notes: list[str]) -> None:
-    """The run's settings as they are in effect, first in the log."""
-    tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
-    n_params = sum(p.numel() for p in model.parameters())
-    tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {cfg.output_dir}")
-    tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}")
-    tc = cfg.train
-    tracker.info(f"global batch {setup['global_batch']} images per optimizer step, lr {setup['lr']:g} "
-                 f"(train.lr_scaling={tc.lr_scaling}, train.lr_schedule={tc.lr_schedule}, {tc.warmup_steps} warm-up "
-                 f"steps); perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
-    for note in notes:
-        tracker.info(note)
-
-
-def _claim_output_dir(accelerator, output_dir: Path) -> list[str]:
-    """Create output_dir and take its run lock (the main process), before anything in it is read
-    or changed; every rank learns the outcome. Returns notes for the log."""
-    from accelerate.utils import broadcast_object_list
-
-    from train.checkpoint import remove_unfinished
-    from train.lock import RunLock
-    from train.status import STATUS_FILE, read_status, settle
-
-    notes, error = [], None
-    if accelerator.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(output_dir, os.W_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-            warning = RunLock(output_dir).acquire()  # held until this process ends
-            notes += [warning] if warning else []
-            previous = read_status(output_dir / STATUS_FILE)
-            if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
-                settle(output_dir, holding_lock=True)
-                notes.append(f"the previous run in {output_dir} was killed without recording an outcome (it said "
-                             f"'running' at step {previous['step']}); recorded it as failed")
-            notes += remove_unfinished(output_dir)
-        except UserError as e:
-            error = str(e)
-        except OSError as e:
-            error = f"cannot write to output_dir {output_dir} ({e.strerror}): choose a writable folder"
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error is not None:
-        raise UserError(error)
-    return notes
-
-
-def _pick_resume(accelerator, cfg, checkpoint, notes: list[str]) -> Path | None:
-    """The checkpoint to resume from (damaged ones are reported in `notes`)."""
-    output_dir = Path(cfg.output_dir)
-    resume_from = checkpoint.find_resume(output_dir, cfg.checkpoint.resume, warn=notes.append)
-    if resume_from is None and cfg.checkpoint.resume == "none" and checkpoint.has_checkpoints(output_dir):
-        raise UserError(
-            f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
-            f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
-        )
-    return resume_from
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,9 +55,8 @@ class UNet(nn.Module):
     same size (the skip that keeps strokes sharp) and applies a double conv. A 1x1 conv gives
     the noise, which is subtracted from the input.
 
-    Why `top_channels`: the 28x28 convs cost the most (4x the pixels of 14x14). On the
-    project's 2-core CPU, 16/48/96 steps 1.3x faster than 24/48/96 and, given the same 30
-    minutes, ends higher (docs/results.md).
+    Why `top_channels`: the 28x28 convs cost the most (4x the pixels of 14x14), so a narrower
+    top level trains faster and, given the same time, can end higher (docs/results.md).
 
     Why the noise and not the digit: a sigmoid head (as in the reference) let this network
     collapse to all-black outputs at lr 1e-3 (80% of MNIST pixels are 0, the sigmoid

@@ -13,9 +13,10 @@ AVX-512) or a GPU round differently, by about one float32 ulp.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+
+from train.config import NoiseSpec  # noqa: F401 (the spec is config; noise.NoiseSpec for the callers)
 
 _MASK32 = 0xFFFFFFFF
 EVAL_EPOCH = -1  # the stream of the fixed evaluation noise; training epochs count from 0
@@ -33,7 +34,7 @@ _M1, _M2 = _signed32(0x7FEB352D), _signed32(0x846CA68B)
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """Wellons' 'lowbias32' integer hash on int32 tensors (as 32-bit patterns).
 
-    int32 keeps it ~8x faster than int64 on the CPU. Multiplies wrap mod 2**32, as the hash
+    int32 because the CPU hashes it faster than int64. Multiplies wrap mod 2**32, as the hash
     wants; `>>` is arithmetic on signed ints, so each shift is masked to make it logical.
     """
     x = x ^ ((x >> 16) & 0xFFFF)
@@ -95,21 +96,6 @@ def sample_levels(indices: torch.Tensor, key: int | torch.Tensor, low: float, hi
     """Each sample's noise level, uniform in [low, high], float32 of shape (len(indices),)."""
     level_key = _mix32(torch.as_tensor(key, dtype=torch.int32, device=indices.device) ^ _LEVEL_SALT)
     return low + (high - low) * _uniforms(indices.to(torch.int32), level_key)
-
-
-@dataclass(frozen=True)
-class NoiseSpec:
-    """How clean digits are corrupted: `kind`, at a level per sample uniform in [low, high]
-    (one fixed level when low == high). The level is the Gaussian std in pixel units, or
-    the fraction of salt-and-pepper pixels."""
-
-    kind: str = "gaussian"
-    low: float = 0.5
-    high: float = 0.5
-
-    def describe(self) -> str:
-        level = f"{self.low:g}" if self.low == self.high else f"{self.low:g}-{self.high:g} per sample"
-        return f"{self.kind} {level}"
 
 
 def add_noise(clean: torch.Tensor, indices: torch.Tensor, spec: NoiseSpec | float, seed: int, epoch: int) -> torch.Tensor:

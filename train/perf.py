@@ -1,29 +1,22 @@
 """The speed settings (`perf.*`): refused where the launch cannot honour them, then applied
-to the model in the one order that works. None of them changes the model's parameters or
-their names, so a checkpoint resumes under any of them (docs/performance.md says what each
-one is worth on which hardware).
+to the model in the one order that works. torch's own switches (cuDNN's kernel choice,
+channels_last, compile) are set here; the rewrites live in train/speed/, imported only when
+a setting asks for one. None of them changes the model's parameters or their names, so a
+checkpoint resumes under any of them (docs/performance.md says what each is worth where).
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from train import cpu_layers
 from train.config import PerfConfig, TrainConfig
 from train.distributed import LaunchError
-from train.first_block import fuse_first_block
-from train.thin_conv import pad_thin_convs
 
 
 def check_perf(perf: PerfConfig, train: TrainConfig, accelerator: Accelerator) -> None:
     """Refuse speed settings this launch cannot honour, before any work is done."""
-    if perf.fuse_first_block and accelerator.device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise LaunchError("perf.fuse_first_block=true needs Triton on a GPU and it is not installed: "
-                          "pip install triton, or set perf.fuse_first_block=false")
     if not perf.cuda_graphs:
         return
     problems = []
@@ -41,6 +34,19 @@ def check_perf(perf: PerfConfig, train: TrainConfig, accelerator: Accelerator) -
         raise LaunchError(f"perf.cuda_graphs=true needs {'; '.join(problems)}: set perf.cuda_graphs=false or fix that")
 
 
+def maybe_keep_freed_host_memory(perf: PerfConfig) -> list[str]:
+    """perf.reuse_host_memory, set before the data and the model allocate anything; returns
+    a note for the log where it cannot apply."""
+    if not perf.reuse_host_memory:
+        return []
+    from train.speed.host_memory import keep_freed_host_memory
+
+    if keep_freed_host_memory():
+        return []
+    return ["perf.reuse_host_memory had no effect: the C library is not glibc (or refused the thresholds), "
+            "so malloc keeps its own settings"]
+
+
 def apply_perf(model: nn.Module, perf: PerfConfig, device_type: str, mixed_precision: str) -> list[str]:
     """Apply `perf`'s model settings to `model` (in place; the same parameters and names) and
     set cuDNN's kernel choice. Returns what the log should say of settings that do not apply
@@ -52,14 +58,13 @@ def apply_perf(model: nn.Module, perf: PerfConfig, device_type: str, mixed_preci
     notes = []
     if perf.channels_last:
         model.to(memory_format=torch.channels_last)  # weights NHWC: convs then pick NHWC kernels
-    if perf.fuse_first_block:
-        fuse_first_block(model, perf.channels_last)  # the config checked that the model has the block
-        if device_type != "cuda":
-            notes.append(f"perf.fuse_first_block on {device_type}: the first block runs as plain tensor ops "
-                         "(the form its GPU kernels are checked against), slower than the library's conv")
-    if perf.pad_thin_convs:  # after the fusing, which matches plain nn.Conv2d layers only
+    if perf.pad_thin_convs:
+        from train.speed.thin_conv import pad_thin_convs
+
         pad_thin_convs(model, perf.channels_last)
     if perf.cpu_layers:
+        from train.speed import cpu_layers
+
         unsupported = cpu_layers.cpu_layers_unsupported(device_type, mixed_precision, perf.compile)
         if unsupported:
             notes.append(f"perf.cpu_layers not applied: {unsupported}")

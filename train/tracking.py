@@ -1,6 +1,9 @@
-"""Everything a run shows or writes for people: console lines, progress bar, metrics.jsonl,
-sample PNGs and wandb. Gated here, in one place, on the global main process: the other ranks
-get a `NullTracker` with the same methods that does nothing.
+"""Everything a run shows or writes for people: console lines, progress bar, the resolved
+config and setup, metrics.jsonl, sample PNGs and wandb. Gated here, in one place, on the
+global main process: the other ranks get a `NullTracker` with the same methods that does
+nothing, and their Python warnings (the same as rank 0's) are not shown. The exceptions:
+checkpoints, which every rank writes, and status.json (train/status.py), where any rank may
+record a failure.
 """
 
 from __future__ import annotations
@@ -8,9 +11,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import yaml
 from accelerate import Accelerator
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,7 +37,10 @@ class NullTracker:
     def log(self, metrics: dict[str, Any]) -> None:
         pass
 
-    def log_image(self, key: str, path: Path, step: int) -> None:
+    def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
+        pass
+
+    def save_image(self, key: str, step: int, draw: Callable[[Path], None]) -> None:
         pass
 
     def progress(self, total: int, initial: int) -> None:
@@ -51,6 +59,7 @@ class Tracker(NullTracker):
 
     def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, wandb_project: str,
                  run_id: str, resume_step: int | None) -> None:
+        self.output_dir = output_dir
         self.metrics_path = output_dir / METRICS_FILE
         self._bar = None
         self._trim_metrics(resume_step)
@@ -94,7 +103,16 @@ class Tracker(NullTracker):
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
-    def log_image(self, key: str, path: Path, step: int) -> None:
+    def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
+        """config.yaml (the resolved config, reloadable with --config) and setup.json."""
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (self.output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+
+    def save_image(self, key: str, step: int, draw: Callable[[Path], None]) -> None:
+        """OUTPUT_DIR/<key's last part>/step_N.png, drawn by `draw(path)`, and to wandb."""
+        path = self.output_dir / key.rsplit("/", 1)[-1] / f"step_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw(path)
         if self._wandb is not None:
             import wandb
 
@@ -125,5 +143,19 @@ def build_tracker(accelerator: Accelerator, output_dir: Path, config: dict[str, 
                   wandb_project: str, run_id: str, resume_step: int | None) -> NullTracker:
     """The one place that decides who writes: the global main process, and nobody else."""
     if not accelerator.is_main_process:
+        warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 shows the warnings
         return NullTracker()
     return Tracker(output_dir, config, wandb_mode, wandb_project, run_id, resume_step)
+
+
+def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int, notes: list[str]) -> None:
+    """The run's settings as they are in effect, first in the log."""
+    tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
+    tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {cfg.output_dir}")
+    tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}")
+    tc = cfg.train
+    tracker.info(f"global batch {setup['global_batch']} images per optimizer step, lr {setup['lr']:g} "
+                 f"(train.lr_scaling={tc.lr_scaling}, train.lr_schedule={tc.lr_schedule}, {tc.warmup_steps} warm-up "
+                 f"steps); perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
+    for note in notes:
+        tracker.info(note)

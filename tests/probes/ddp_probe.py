@@ -73,7 +73,8 @@ def main() -> None:
         dtypes = set()
         accelerator.unwrap_model(model).encoder[0].register_forward_hook(
             lambda mod, args, output: dtypes.add(str(output.dtype)))
-        trainer = Trainer(cfg, accelerator, model, optimizer, train_split, test_split, TrainerState(), NullTracker())
+        trainer = Trainer(cfg, cfg.train.plan(accelerator.num_processes), accelerator, model, optimizer, train_split,
+                          test_split, TrainerState(), NullTracker())
         micro, steps = [], []
         real_micro_step, real_optimizer_step = trainer._micro_step, trainer._optimizer_step
 

@@ -21,13 +21,15 @@ import torch
 from torch import nn
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (clean, noisy) -> detached loss
+EpochFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (indices, key) -> every batch
 
 WARMUP_STEPS = 3  # eager steps before capture; torch's examples use 3 (DDP needs 11, not used here)
 
 
 class CapturedStep:
     """`step_fn(clean, noisy)` (forward, backward, optimizer step) as a replayable CUDA graph,
-    for batches shaped like `batch` (whose values only serve the warm-up steps).
+    for batches shaped like `batch` (whose values only serve the warm-up steps). It has the
+    training loop's step interface (train.loop.EagerStep's): `batches` and a call per step.
 
     On a CPU there is nothing to capture: the same warm-up and restore run, and `replay`
     calls `step_fn` eagerly on the static tensors. The tests use that to check the
@@ -35,8 +37,8 @@ class CapturedStep:
     """
 
     def __init__(self, step_fn: StepFn, batch: torch.Tensor, model: nn.Module,
-                 optimizer: torch.optim.Optimizer) -> None:
-        self.step_fn = step_fn
+                 optimizer: torch.optim.Optimizer, make_epoch: EpochFn | None = None) -> None:
+        self.step_fn, self.make_epoch = step_fn, make_epoch
         self.clean, self.noisy = batch.clone(), batch.clone()
         device = batch.device
         saved = _snapshot(model, optimizer)
@@ -56,6 +58,17 @@ class CapturedStep:
             for _ in range(WARMUP_STEPS):
                 step_fn(self.clean, self.noisy)
         _restore(model, optimizer, saved)
+
+    def batches(self, epoch_indices: torch.Tensor, key: torch.Tensor) -> Callable[[int], tuple]:
+        """The epoch's micro-batches, all made in one pass before the first step: the graph
+        holds only the model's and the optimizer's kernels, so the batches' ~45 small kernels
+        a step would otherwise launch one by one."""
+        clean_all, noisy_all = self.make_epoch(epoch_indices, key)
+        return lambda m: (clean_all[m], noisy_all[m])
+
+    def __call__(self, clean: torch.Tensor, noisy: torch.Tensor, micro_step: int) -> torch.Tensor:
+        """A whole optimizer step (no accumulation under a graph); returns its loss on the device."""
+        return self.replay(clean, noisy)
 
     def replay(self, clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         """Run one step on this batch (tensors on the device); returns the step's loss, on the device."""

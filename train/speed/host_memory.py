@@ -1,15 +1,12 @@
 """Keep the host memory that a training step frees for the next step (glibc's malloc).
 
-A step on the CPU allocates and frees the same activations every time: a dozen tensors of
-up to 6 MB at batch 64, 25 MB at batch 256. glibc serves blocks above its mmap threshold
-(128 KiB at first, raised to the size of such a block when one is freed) with fresh
-mappings that it unmaps on free, and trims free memory off the top of its heap, so a step
-can touch new pages again, which the kernel zeroes one page fault at a time. Whether it
-does depends on what the process freed before: in the job on the project's 2-core machine,
-~13,000 page faults per step at batch 64 and ~50,000 at batch 256 (without them the step
-is 1.9x and 1.7x faster), none at batch 20; a bare training loop faults ~2,900 times per
-step at batch 20. With both thresholds raised the pages stay in the process and the faults
-drop to none for every block under the mmap cap (docs/performance.md has the measurements).
+A step on the CPU allocates and frees the same activations every time. glibc serves blocks
+above its mmap threshold (128 KiB at first, raised to the size of such a block when one is
+freed) with fresh mappings that it unmaps on free, and trims free memory off the top of its
+heap, so a step can touch new pages again, which the kernel zeroes one page fault at a
+time; how many depends on the batch and on what the process freed before. With both
+thresholds raised the pages stay in the process and the faults drop to none for every block
+under the mmap cap (docs/performance.md has the counts and what they cost).
 The cost: memory freed after a peak stays in the process instead of going back to the
 system, which for a training loop, whose every step peaks alike, changes its resident size
 little.

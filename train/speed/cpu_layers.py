@@ -2,7 +2,7 @@
 
 Two of the reference model's layers are, underneath, a few matrix products over the NHWC
 activations (rows: pixels, columns: channels), in shapes oneDNN's convolution kernels serve
-less well on the project's 2-core CPU:
+less well on the CPUs measured (docs/performance.md):
 
 - the last conv, 32 -> 1 channels, 3x3: one product gives the 9 taps of every pixel, and
   the output sums the 9 tap maps shifted by their offsets;
@@ -10,8 +10,7 @@ less well on the project's 2-core CPU:
   input pixel's block is one row of a product, and a permuted copy lays them out as NHWC.
 
 Written here as autograd Functions that call BLAS. Which operand is transposed matters to
-BLAS on these skinny shapes (several times, in prototyping), so each product is written the
-fast way round. The modules keep nn.Conv2d's and nn.ConvTranspose2d's parameters and names,
+BLAS on these skinny shapes, so each product is written the fast way round. The modules keep nn.Conv2d's and nn.ConvTranspose2d's parameters and names,
 so checkpoints are unchanged; `use_cpu_layers` swaps them in place.
 
 It also moves each max-pool that follows a ReLU in front of it: ReLU is monotonic, so the
@@ -19,10 +18,8 @@ two commute exactly (the same outputs and, since the pool's first-maximum rule p
 same element, the same gradients, bit for bit), and the ReLU then touches a quarter of the
 pixels.
 
-Together: a training step of the reference model 1.1x to 1.3x as fast on that CPU, the
-most at large batches (bench/cpu_layers.py alternates the two in one process; --layers
-times each layer alone). The first conv (1 -> 32) was tried as a product too and gained
-nothing, so oneDNN keeps it.
+What it is worth, and why the first conv (1 -> 32) stays oneDNN's: docs/performance.md
+(bench/cpu_layers.py alternates the two forms in one process; --layers times each layer).
 
 fp32 only: under bf16 autocast oneDNN's kernels are the ones to use (CPUs with AMX), and on
 a GPU cuDNN's. tests/test_cpu_layers.py checks each form against the layer it replaces in

@@ -2,10 +2,9 @@
 
 The reference model's first conv (1 -> 32) and last (32 -> 1) have one channel on the 28x28
 side, where its largest activations are. cuDNN has no NHWC tensor-core kernel for a single
-channel: profiled on an H100 at batch 16,384 in bf16, these two layers took over half of a
-training step (15 of 27 ms). Most of it went to cuDNN converting 32-channel 28x28 tensors
-between NCHW and NHWC and to a slow direct-convolution kernel (bench/results/
-h100-profile-steady-*.json).
+channel, so it converts 32-channel 28x28 tensors between layouts and falls back to a slow
+direct convolution: at large batches on a GPU, most of a step (the profile is in
+docs/performance.md).
 
 Padding that channel with zeros to 8 changes nothing that is computed: the extra input
 channels are zero, the extra weights are zero (and not parameters: the padding is built from
