@@ -140,7 +140,8 @@ def test_workers_checkpoint_and_end_when_their_launcher_is_killed(mnist_root, tm
             assert time.time() - t0 < 60, "workers outlived their launcher by a minute"
             time.sleep(0.2)
     stopped = _stopped_cleanly(out, "the death of its launcher")
-    resumed = run_main(args, launcher=accelerate_cpu(2), env=FORWARD)
+    # Resumed for 20 more steps, not the ~2,000 left: the resume is what is tested here.
+    resumed = run_main(args + [f"train.max_steps={stopped + 20}"], launcher=accelerate_cpu(2), env=FORWARD)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
     assert f"step_{stopped:08d}" in resumed.stdout and _status(out)["outcome"] == "completed"
 
@@ -207,8 +208,8 @@ needs_mount = pytest.mark.skipif(not _can_mount() and os.environ.get("CI") != "t
 def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_resumes(mnist_root, tmp_path):
     straight = tmp_path / "straight"
     args = ["--config", "configs/debug.yaml", f"data.root={mnist_root}", "data.train_samples=4000",
-            "data.test_samples=100", "train.epochs=1", "train.per_device_batch_size=10", "logging.every_n_steps=10",
-            "checkpoint.every_n_steps=50", "checkpoint.keep_last=5"]
+            "data.test_samples=100", "train.epochs=1", "logging.every_n_steps=10", "checkpoint.every_n_steps=50",
+            "checkpoint.keep_last=5"]
     assert run_main(args + [f"output_dir={straight}"]).returncode == 0
     probe = REPO / "tests" / "probes" / "disk_full_probe.py"
     r = subprocess.run(["unshare", "-m", sys.executable, str(probe), str(tmp_path), json.dumps(args)],

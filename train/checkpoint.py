@@ -27,8 +27,8 @@ from accelerate.utils import broadcast_object_list
 
 from train.errors import UserError, brief
 from train.lock import RunLock
-from train.status import STATUS_FILE, read_status, settle
 from train.preemption import maybe_inject_fault
+from train.status import STATUS_FILE, read_status, settle
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -198,8 +198,9 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> list[str]:
             previous = read_status(output_dir / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
                 settle(output_dir, holding_lock=True)
+                at = f"at step {previous['step']}" if previous.get("step") is not None else "before its first step"
                 notes.append(f"the previous run in {output_dir} was killed without recording an outcome (it said "
-                             f"'running' at step {previous['step']}); recorded it as failed")
+                             f"'running' {at}); recorded it as failed")
             notes += remove_unfinished(output_dir)
         except UserError as e:
             error = str(e)
