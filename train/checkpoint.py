@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list
 from train.errors import UserError, brief
 from train.lock import RunLock
 from train.preemption import maybe_inject_fault
-from train.status import STATUS_FILE, read_status, settle
+from train.status import STALE_RUN, STATUS_FILE, read_status, write_status
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -197,7 +197,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> list[str]:
             notes += [warning] if warning else []
             previous = read_status(output_dir / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
-                settle(output_dir, holding_lock=True)
+                write_status(output_dir / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
                 at = f"at step {previous['step']}" if previous.get("step") is not None else "before its first step"
                 notes.append(f"the previous run in {output_dir} was killed without recording an outcome (it said "
                              f"'running' {at}); recorded it as failed")

@@ -29,11 +29,10 @@ class OutputDirInUse(UserError):
 
 
 class RunLock:
-    """Held from `acquire()` until this process ends (or `release()`)."""
+    """Held from `acquire()` until this process ends."""
 
     def __init__(self, output_dir: Path) -> None:
         self.path = Path(output_dir) / LOCK_FILE
-        self._fd: int | None = None
 
     def acquire(self, wait_s: float = 1.0) -> str | None:
         """Take the lock, or raise OutputDirInUse naming the holder. Returns a warning when the
@@ -57,16 +56,11 @@ class RunLock:
                         f"wait for it to end or stop it, or choose another output_dir"
                     ) from None
                 time.sleep(0.05)
-        self._fd = fd
+        # fd is never closed: the lock lives as long as this process (closing it would drop it).
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing any descriptor of the file drops a POSIX lock
-            self._fd = None
 
 
 def describe_holder(path: Path) -> str:

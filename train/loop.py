@@ -6,6 +6,7 @@ ends. Runs identically on every rank; what is shown or written goes through the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import resource
 import time
@@ -212,8 +213,7 @@ class Trainer:
         t0 = time.perf_counter()
         shape = (self.cfg.train.per_device_batch_size, *self.train_split.images.shape[1:])
         captured = CapturedStep(self._graph_step, torch.rand(shape, device=self.accelerator.device), self.model,
-                                self.optimizer, make_epoch=lambda indices, key: epoch_batches(self.make_batch,
-                                                                                               indices, key))
+                                self.optimizer, make_epoch=functools.partial(epoch_batches, self.make_batch))
         self.tracker.info(f"captured one optimizer step as a CUDA graph in {time.perf_counter() - t0:.1f} s")
         return captured
 

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     if resume_from is not None:
         state = checkpoint.load(accelerator, resume_from, state.compat,
                                 defaults={"model.settings": cfg.model.default_settings()})
-    status.accept(output_dir)  # only now: a refused resume leaves the folder as it was
+    status.accept()  # only now: a refused resume leaves the folder as it was
     status.record("running", 0)
     state.run_id = state.run_id or secrets.token_hex(4)  # the wandb run id; only the main process uses it
 

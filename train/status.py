@@ -24,7 +24,7 @@ from train import lock
 
 STATUS_FILE = "status.json"
 STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out of memory or a lost node); "
-          "its checkpoints are intact: run the same command to resume from the last one")
+             "its checkpoints are intact: run the same command to resume from the last one")
 
 
 def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "") -> None:
@@ -57,12 +57,12 @@ def read_status(path: Path) -> dict | None:
         return None
 
 
-def settle(output_dir: Path, holding_lock: bool = False) -> dict | None:
-    """output_dir's status, with a `running` whose run is gone recorded as `failed`.
-    `holding_lock`: the caller holds the run lock, so any earlier run is gone."""
+def settle(output_dir: Path) -> dict | None:
+    """output_dir's status, with a `running` whose run is gone (no process holds the lock)
+    recorded as `failed`. Not for the lock's holder: see lock.is_held."""
     path = Path(output_dir) / STATUS_FILE
     status = read_status(path)
-    if status is not None and status["outcome"] == "running" and (holding_lock or lock.is_held(output_dir) is False):
+    if status is not None and status["outcome"] == "running" and lock.is_held(output_dir) is False:
         write_status(path, "failed", 1, status.get("step"), STALE_RUN)
         status = read_status(path)
     return status
@@ -85,8 +85,9 @@ class RunStatus:
         self.step: int | None = None
         self.output_dir: Path | None = None  # known once the config is read
 
-    def accept(self, output_dir: Path) -> None:
-        path = Path(output_dir) / STATUS_FILE
+    def accept(self) -> None:
+        """From now on also record in OUTPUT_DIR/status.json (`output_dir` is set by then)."""
+        path = self.output_dir / STATUS_FILE
         if path not in self.paths:
             self.paths.append(path)
 
