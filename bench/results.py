@@ -146,12 +146,11 @@ def report(work: Path, docs: Path, data_root: str, test_samples: int, denoise_re
     import torch
     from accelerate import Accelerator
     from torch import nn
-    from torchvision.utils import save_image
 
     from train import metrics
     from train.data import load_mnist
     from train.denoise import load_trained
-    from train.loop import sample_indices
+    from train.loop import sample_indices, save_grid
     from train.noise import NoiseSpec
 
     names = [n for n in RUNS if finished(work, n)]
@@ -181,7 +180,7 @@ def report(work: Path, docs: Path, data_root: str, test_samples: int, denoise_re
         with torch.no_grad():
             rows = [noisy] + [models[n](noisy).float() for n in names] + [clean]
         path = images / f"samples-{kind}-{level:g}.png"
-        save_image(torch.cat(rows), str(path), nrow=len(shown), padding=2, pad_value=0.5)
+        save_grid(torch.cat(rows), len(shown), path)
         grids.append((kind, level, path.name))
 
     curves = {}

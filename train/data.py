@@ -10,7 +10,9 @@ shard it twice.
 from __future__ import annotations
 
 import errno
+import math
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,33 +53,61 @@ def _why_download_failed(e: Exception, root: Path, timeout_s: float) -> str:
     return f"the download failed (no network? {brief(e)})"
 
 
-def _load_split(root: Path, train: bool, download: bool, timeout_s: float) -> Split:
+def _read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """One IDX file of uint8 (MNIST's format): magic 0x0800 + ndim, ndim big-endian uint32 sizes, the bytes.
+
+    Read here, not through torchvision: importing it would slow every process's start, and only
+    a download needs it."""
+    data = path.read_bytes()
+    header = 4 * (ndim + 1)
+    if len(data) < header:
+        raise ValueError(f"{path.name} is {len(data)} bytes, shorter than an IDX header")
+    magic, *shape = struct.unpack(f">{ndim + 1}I", data[:header])
+    if magic != 0x800 + ndim:
+        raise ValueError(f"{path.name} starts with {magic:#x}, not the IDX magic number {0x800 + ndim:#x}")
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"{path.name} holds {len(data) - header} bytes of data, its header says {math.prod(shape)}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*shape)
+
+
+def _download(root: Path, timeout_s: float) -> None:
     from torchvision.datasets import MNIST  # deferred: torchvision is slow to import
 
-    raw = root / "MNIST" / "raw"
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)  # urllib (inside torchvision) has no timeout of its own: it would wait forever
     try:
-        ds = MNIST(root=str(root), train=train, download=download)
+        MNIST(root=str(root), download=True)  # fetches, checks and unpacks all four files
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, AssertionError...
-        missing = not (raw.is_dir() and any(raw.iterdir()))
-        if missing:
-            how = _why_download_failed(e, root, timeout_s) if download else "data.download is false"
+        raise DataError(
+            f"MNIST not found in {root / 'MNIST' / 'raw'} and {_why_download_failed(e, root, timeout_s)}: put the four "
+            f"MNIST IDX files there or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"
+        ) from e
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _load_split(root: Path, train: bool, download: bool, timeout_s: float) -> Split:
+    raw = root / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    files = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    if not all(f.is_file() for f in files):
+        if not download:
             raise DataError(
-                f"MNIST not found in {raw} and {how}: put the four MNIST IDX files there "
+                f"MNIST not found in {raw} and data.download is false: put the four MNIST IDX files there "
                 f"or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"
-            ) from e
+            )
+        _download(root, timeout_s)
+    try:
+        images, labels = _read_idx(files[0], 3), _read_idx(files[1], 1)
+    except (OSError, ValueError) as e:
         raise DataError(
             f"MNIST files in {raw} could not be read ({brief(e)}): "
             f"replace them with a good copy (delete them and set data.download=true, or point data.root elsewhere)"
         ) from e
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-    images, labels = ds.data, ds.targets
-    if images.dtype != torch.uint8 or images.shape[1:] != (28, 28) or len(images) == 0 or len(labels) != len(images):
+    if images.shape[1:] != (28, 28) or len(images) == 0 or len(labels) != len(images):
         raise DataError(
-            f"MNIST {'train' if train else 'test'} split in {raw} has images {tuple(images.shape)} {images.dtype} "
-            f"and {len(labels)} labels, expected (N, 28, 28) uint8 and N labels: replace the files with a good copy"
+            f"MNIST {prefix} split in {raw} has images {tuple(images.shape)} "
+            f"and {len(labels)} labels, expected (N, 28, 28) and N labels: replace the files with a good copy"
         )
     return Split(images.unsqueeze(1).contiguous(), labels.to(torch.int64))
 
@@ -137,7 +167,7 @@ class EpochOrder:
         """This rank's sample indices for `epoch`, shape (steps_per_epoch, per_device_batch_size).
 
         What DistributedSampler(shuffle=True, seed, drop_last=False) deals this rank at
-        `epoch` (tests/test_data.py holds the two equal): the same seeded permutation, of which
+        `epoch` (tests/unit/test_data.py holds the two equal): the same seeded permutation, of which
         the rank takes positions rank, rank + world, rank + 2 world, ...; the sampler's padding
         lies past the last global batch and never enters. Tensor ops, not the sampler's
         iterator, which builds Python lists: it runs when an epoch starts, after the previous

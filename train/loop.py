@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
-from torchvision.utils import save_image
 
 from train import checkpoint, metrics, noise
 from train.checkpoint import TrainerState
@@ -82,7 +81,20 @@ def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: no
     """A PNG with one column per digit and rows noisy / denoised / clean."""
     clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), spec, seed)
     out = model(noisy).float()
-    save_image(torch.cat([noisy, out, clean]), str(path), nrow=len(indices), padding=2, pad_value=0.5)
+    save_grid(torch.cat([noisy, out, clean]), len(indices), path)
+
+
+def save_grid(images: torch.Tensor, per_row: int, path: Path, pad: int = 2, pad_value: float = 0.5) -> None:
+    """Images (N, 1, H, W) in [0, 1] as one grayscale PNG, `per_row` to a row, `pad` grey pixels around each."""
+    from PIL import Image  # torchvision's dependency; torchvision itself is slow to import
+
+    n, _, h, w = images.shape
+    rows = -(-n // per_row)
+    grid = torch.full((pad + rows * (h + pad), pad + per_row * (w + pad)), pad_value)
+    for i, image in enumerate(images.detach().float().cpu()):
+        top, left = pad + (i // per_row) * (h + pad), pad + (i % per_row) * (w + pad)
+        grid[top:top + h, left:left + w] = image[0]
+    Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()).save(path)
 
 
 BatchMaker = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
