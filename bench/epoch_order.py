@@ -8,7 +8,7 @@ previous epoch's checkpoint has synced the device, so the device waits for it. A
 milliseconds there are a few percent of training. This times, in one process and
 alternated `--rounds` times, the way the job used to do it (iterate the sampler into a
 Python list, then a tensor) and EpochOrder.epoch_indices (the same indices, checked here and
-in tests/test_data.py), for MNIST's 60,000 images at a few batch sizes and world sizes.
+in tests/unit/test_data.py), for MNIST's 60,000 images at a few batch sizes and world sizes.
 """
 
 from __future__ import annotations

@@ -59,8 +59,7 @@ if want profile20; then
     profile b20_eager 60 300 perf.channels_last=false
     profile b20_graphs 90 300 $GRAPHS perf.cudnn_benchmark=true
 fi
-want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_perf.py tests/test_denoise.py \
-    tests/test_fault_tolerance.py
+want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider tests
 BEST="train.mixed_precision=bf16 perf.channels_last=true perf.cudnn_benchmark=true perf.compile=true perf.pad_thin_convs=true"
 AUTOTUNE="perf.compile_mode=max-autotune-no-cudagraphs"
 want epoch_order && step epoch_order 30 python bench/epoch_order.py --out "$OUT/epoch_order.json"  # host time (~5 s)

@@ -1,4 +1,4 @@
-"""Launched by tests/test_distributed.py under `accelerate launch` with several CPU processes.
+"""Launched by tests/integration/test_distributed.py under `accelerate launch` with several CPU processes.
 
 Runs the real Trainer and records, per rank, what a test cannot see from outside: when DDP's
 all-reduce runs (a counting comm hook), whether gradients and parameters agree across ranks,
@@ -31,7 +31,9 @@ from train.tracking import NullTracker  # noqa: E402
 
 
 def _same_on_all_ranks(tensor: torch.Tensor) -> bool:
-    """True if every rank holds exactly this tensor."""
+    """True if every rank holds exactly this tensor (one process: trivially)."""
+    if not dist.is_initialized():
+        return True
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor)
     return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -69,7 +71,8 @@ def main() -> None:
             allreduces[0] += 1
             return default_hooks.allreduce_hook(state, bucket)
 
-        model.register_comm_hook(dist.group.WORLD, counting_hook)
+        if accelerator.num_processes > 1:  # (one process: no DDP wrapper, nothing to count)
+            model.register_comm_hook(dist.group.WORLD, counting_hook)
         dtypes = set()
         accelerator.unwrap_model(model).encoder[0].register_forward_hook(
             lambda mod, args, output: dtypes.add(str(output.dtype)))

@@ -1,4 +1,4 @@
-"""Launched by tests/test_fault_tolerance.py under `accelerate launch` with several CPU processes.
+"""Launched by tests/integration/test_fault_tolerance.py under `accelerate launch` with several CPU processes.
 
 The ranks' stop vote alone: rank R raises SIGUSR1 on itself just before call C of
 StopFlag.any_rank_stopping, and every rank records what each of N calls returned, then what

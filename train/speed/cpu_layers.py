@@ -22,7 +22,7 @@ What it is worth, and why the first conv (1 -> 32) stays oneDNN's: docs/performa
 (bench/cpu_layers.py alternates the two forms in one process; --layers times each layer).
 
 fp32 only: under bf16 autocast oneDNN's kernels are the ones to use (CPUs with AMX), and on
-a GPU cuDNN's. tests/test_cpu_layers.py checks each form against the layer it replaces in
+a GPU cuDNN's. tests/unit/test_cpu_layers.py checks each form against the layer it replaces in
 float64, outputs and gradients.
 """
 

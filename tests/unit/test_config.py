@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from train.config import Config, ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_default_yaml_is_the_reference_recipe_and_the_defaults():
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+    cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg == Config(), "configs/default.yaml and the dataclass defaults must not drift apart"
     assert (cfg.noise.factor, cfg.train.lr, cfg.train.per_device_batch_size, cfg.train.epochs) == (0.5, 1e-3, 20, 20)
     assert cfg.train.mixed_precision == "no" and cfg.train.gradient_accumulation_steps == 1
@@ -125,14 +122,6 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # decreasing after the warm-up
     const = load_config(None).train
     assert {const.lr_at(s, 109, 0.3) for s in range(109)} == {0.3}
-
-
-def test_a_config_error_is_reported_before_torch_is_imported():
-    probe = ("import sys; from train.main import main; code = main(['train.epocs=1']); "
-             "print('torch' in sys.modules); sys.exit(code)")
-    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stdout == "False\n", r
-    assert r.stderr.startswith("error: unknown config key 'train.epocs'")
 
 
 def test_the_configs_model_names_are_the_models_model_py_builds():

@@ -33,9 +33,10 @@ def run_dir(mnist_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def digits(mnist_root) -> np.ndarray:
     """Eight MNIST test digits, (8, 28, 28) uint8, white on black."""
-    from torchvision.datasets import MNIST
+    from train.data import load_mnist
 
-    return MNIST(str(mnist_root), train=False).data[:8].numpy()
+    _, test = load_mnist(str(mnist_root), False, torch.device("cpu"), test_samples=8)
+    return test.images[:, 0].numpy()
 
 
 def _model_output(run_dir: Path, images: np.ndarray) -> np.ndarray:
@@ -157,32 +158,32 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
                      + chunk(b"IEND", b""))
 
 
-def test_inputs_are_never_overwritten_and_odd_images_are_handled(run_dir, digits, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "train.denoise", "--checkpoint", str(run_dir)]
+def test_inputs_are_never_overwritten_and_odd_images_are_handled(run_dir, digits, tmp_path, capsys):
+    def denoise(*args: str) -> tuple[int, str]:
+        code = main(["--checkpoint", str(run_dir), *args])
+        return code, capsys.readouterr().err
+
     folder = tmp_path / "in"
     folder.mkdir()
     Image.fromarray(digits[0]).save(folder / "a.png")
     original = (folder / "a.png").read_bytes()
     (tmp_path / "link").symlink_to(folder)
     for out in (folder, tmp_path / "link"):  # the input folder, however it is reached
-        r = subprocess.run(cmd + ["--out", str(out), str(folder)], cwd=REPO, env=env, capture_output=True, text=True)
-        assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert r.stderr.strip() == (f"error: writing {out / 'a.png'} would overwrite the input file of that name: "
-                                    f"choose an --out folder that holds no inputs (e.g. --out denoised)")
+        code, err = denoise("--out", str(out), str(folder))
+        assert code == 2 and err.strip() == (f"error: writing {out / 'a.png'} would overwrite the input file of "
+                                             f"that name: choose an --out folder that holds no inputs (e.g. --out "
+                                             f"denoised)")
         assert (folder / "a.png").read_bytes() == original
     _png_header_only(tmp_path / "bomb.png", 14000, 14000)
-    r = subprocess.run(cmd + ["--out", str(tmp_path / "o"), str(tmp_path / "bomb.png")], cwd=REPO, env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert f"input {tmp_path / 'bomb.png'} is too large for a digit image" in r.stderr
+    code, err = denoise("--out", str(tmp_path / "o"), str(tmp_path / "bomb.png"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"input {tmp_path / 'bomb.png'} is too large for a digit image" in err
     # Dark strokes on a transparent background (RGB black everywhere; the digit is in alpha).
     rgba = np.zeros((SIDE, SIDE, 4), dtype=np.uint8)
     rgba[..., 3] = digits[2]
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "ink.png")
-    r = subprocess.run(cmd + ["--out", str(tmp_path / "o"), str(tmp_path / "ink.png")], cwd=REPO, env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code, err = denoise("--out", str(tmp_path / "o"), str(tmp_path / "ink.png"))
+    assert code == 0, err
     with Image.open(tmp_path / "o" / "ink.png") as im:
         got = 1 - np.asarray(im, dtype=np.float32) / 255  # written back dark on light, as it shows
     assert np.abs(got - _model_output(run_dir, digits[2:3])[0, 0]).max() <= 0.5 / 255 + 1e-6

@@ -10,20 +10,18 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, wait_for_metrics
+from conftest import REPO, interruptible, wait_for_metrics
 
 LAUNCH = REPO / "launch" / "single_node.sh"
 
 
 @pytest.mark.slow
-def test_cpu_fallback_forms_a_group_and_forwards_usr1(mnist_root, tmp_path):
+def test_cpu_fallback_forms_a_group_and_forwards_usr1(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "NGPU": "0", "NPROC_CPU": "2", "OMP_NUM_THREADS": "1",
            "MASTER_PORT": str(20000 + os.getpid() % 10000)}
     env.pop("PET_SIGNALS_TO_HANDLE", None)  # the script must add USR1 itself
-    args = ["--config", "configs/debug.yaml", f"data.root={mnist_root}", f"output_dir={out}",
-            "data.train_samples=4000", "data.test_samples=100", "train.epochs=1", "train.per_device_batch_size=10",
-            "logging.every_n_steps=10", "logging.wandb_mode=disabled"]
+    args = interruptible(synthetic_mnist, out, 2)
     proc = subprocess.Popen(["bash", str(LAUNCH)] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for_metrics(out, proc, lines=1)

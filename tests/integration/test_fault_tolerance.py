@@ -8,14 +8,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import MAIN, REPO, accelerate_cpu, load_weights, read_metrics, run_main, wait_for_metrics
+from conftest import (FORWARD, MAIN, REPO, accelerate_cpu, error_lines, interruptible, load_weights, read_metrics,
+                      run_main, start_main, wait_for_metrics)
 
 # 400 images / batch 20 = 20 steps per epoch, 2 epochs; checkpoints every 8 steps and at
 # epoch ends (8, 16, 20, 24, 32, 40).
@@ -40,11 +40,29 @@ def _trajectory(out: Path) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def straight(mnist_root, tmp_path_factory):
+def straight(synthetic_mnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    _ok(run_main(RUN + [f"data.root={mnist_root}", f"output_dir={out}"]))
+    _ok(run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]))
     assert _status(out)["outcome"] == "completed"
     return out
+
+
+@pytest.fixture(scope="module")
+def killed(synthetic_mnist, tmp_path_factory):
+    """`killed(fault, into)`: RUN SIGKILLed where DENOISE_FAULT=`fault` says, copied to `into`
+    (each fault is run once per module)."""
+    runs = {}
+
+    def get(fault: str, into: Path) -> Path:
+        if fault not in runs:
+            out = tmp_path_factory.mktemp("killed") / "run"
+            r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"], env={"DENOISE_FAULT": fault})
+            assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+            runs[fault] = out
+        shutil.copytree(runs[fault], into)
+        return into
+
+    return get
 
 
 def _assert_same_as(out: Path, straight: Path) -> None:
@@ -61,11 +79,9 @@ def _assert_same_as(out: Path, straight: Path) -> None:
     ("in_save:20", ["step_00000008", "step_00000016"]),  # while writing the epoch-end checkpoint
     ("after_step:20", ["step_00000008", "step_00000016"]),  # at the epoch boundary, before its eval
 ])
-def test_sigkill_then_resume_ends_bit_identical(mnist_root, tmp_path, straight, fault, survivors):
-    out = tmp_path / "run"
-    args = RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
-    killed = run_main(args, env={"DENOISE_FAULT": fault})
-    assert killed.returncode == -signal.SIGKILL
+def test_sigkill_then_resume_ends_bit_identical(synthetic_mnist, tmp_path, straight, killed, fault, survivors):
+    out = killed(fault, tmp_path / "run")
+    args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == survivors
     assert _status(out)["outcome"] == "running"  # what a SIGKILLed job leaves: not "completed"
     _ok(run_main(args))
@@ -73,10 +89,10 @@ def test_sigkill_then_resume_ends_bit_identical(mnist_root, tmp_path, straight, 
     assert not list((out / "checkpoints").glob(".tmp-*")), "a half-written checkpoint is cleaned up"
 
 
-def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(mnist_root, tmp_path, straight):
-    out = tmp_path / "run"
-    args = RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
-    assert run_main(args, env={"DENOISE_FAULT": "after_step:30"}).returncode == -signal.SIGKILL
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(synthetic_mnist, tmp_path, straight,
+                                                                         killed):
+    out = killed("after_step:30", tmp_path / "run")
+    args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
     newest = out / "checkpoints" / "step_00000024"
     opt = newest / "optimizer.bin"
     opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])  # truncated, as by a full disk
@@ -86,10 +102,9 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(mnist_r
     _assert_same_as(out, straight)
 
 
-def test_a_torn_metrics_tail_is_repaired_on_resume(mnist_root, tmp_path, straight):
-    out = tmp_path / "run"
-    args = RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
-    assert run_main(args, env={"DENOISE_FAULT": "after_step:13"}).returncode == -signal.SIGKILL
+def test_a_torn_metrics_tail_is_repaired_on_resume(synthetic_mnist, tmp_path, straight, killed):
+    out = killed("after_step:13", tmp_path / "run")
+    args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 12, "epoch": 0, "train/lo')  # the tail a kill or a full disk leaves mid-write
     r = _ok(run_main(args))
@@ -97,10 +112,9 @@ def test_a_torn_metrics_tail_is_repaired_on_resume(mnist_root, tmp_path, straigh
     _assert_same_as(out, straight)
 
 
-def test_every_checkpoint_damaged_is_refused_and_nothing_is_deleted(mnist_root, tmp_path):
-    out = tmp_path / "run"
-    args = RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
-    assert run_main(args, env={"DENOISE_FAULT": "after_step:30"}).returncode == -signal.SIGKILL
+def test_every_checkpoint_damaged_is_refused_and_nothing_is_deleted(synthetic_mnist, tmp_path, killed):
+    out = killed("after_step:30", tmp_path / "run")
+    args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
     for ckpt in (out / "checkpoints").glob("step_*"):
         (ckpt / "optimizer.bin").write_bytes(b"damaged")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -115,41 +129,20 @@ def test_every_checkpoint_damaged_is_refused_and_nothing_is_deleted(mnist_root, 
     assert after == {p: b for p, b in before.items() if p.name not in ("status.json", "run.lock")}
 
 
-def test_pruning_never_deletes_an_intact_checkpoint_for_a_damaged_one(tmp_path):
-    from train.checkpoint import MANIFEST, _file_digest, _prunable
-
-    def checkpoint(step: int, damaged: bool = False) -> None:
-        path = tmp_path / "checkpoints" / f"step_{step:08d}"
-        path.mkdir(parents=True)
-        (path / "model.safetensors").write_bytes(b"weights %d" % step)
-        (path / MANIFEST).write_text(json.dumps({"model.safetensors": _file_digest(path / "model.safetensors")}))
-        if damaged:
-            (path / "model.safetensors").write_bytes(b"torn")
-
-    for step, damaged in ((8, False), (16, False), (24, True), (32, True), (40, False)):
-        checkpoint(step, damaged)
-    # keep_last=2: the two newest intact ones are 40 and 16; older ones go, damaged or not, and
-    # the damaged 24 and 32 between them stay (nothing newer than a kept one is deleted).
-    assert [p.name for p in _prunable(tmp_path, 2)] == ["step_00000008"]
-    assert [p.name for p in _prunable(tmp_path, 3)] == []
-    assert [p.name for p in _prunable(tmp_path, 1)] == ["step_00000008", "step_00000016", "step_00000024",
-                                                        "step_00000032"]
-
-
-def test_explicit_damaged_checkpoint_is_an_error(mnist_root, tmp_path, straight):
+def test_explicit_damaged_checkpoint_is_an_error(synthetic_mnist, tmp_path, straight):
     ckpt = tmp_path / "copy"
     shutil.copytree(straight / "checkpoints" / "step_00000040", ckpt)
     (ckpt / "model.safetensors").write_bytes(b"garbage")
-    r = run_main(RUN + [f"data.root={mnist_root}", f"output_dir={tmp_path / 'out'}", f"checkpoint.resume={ckpt}"])
+    r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={tmp_path / 'out'}", f"checkpoint.resume={ckpt}"])
     assert r.returncode == 2 and "model.safetensors does not match its checksum" in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_resuming_with_settings_that_change_the_meaning_is_refused(mnist_root, tmp_path, straight):
+def test_resuming_with_settings_that_change_the_meaning_is_refused(synthetic_mnist, tmp_path, straight):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    base = RUN + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=3"]
+    base = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3"]
     r = run_main(base + ["train.per_device_batch_size=10", "train.seed=4"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "global_micro_batch: saved 20, now 10" in r.stderr and "train.seed: saved 0, now 4" in r.stderr
@@ -164,72 +157,83 @@ def test_resuming_with_settings_that_change_the_meaning_is_refused(mnist_root, t
     assert "resuming from" in r.stdout and read_metrics(out)[-1]["step"] == 60
 
 
-def test_a_finished_run_started_again_does_nothing(mnist_root, tmp_path, straight):
+def test_a_finished_run_continues_with_more_epochs_to_the_same_weights(synthetic_mnist, tmp_path, straight):
+    out = tmp_path / "run"
+    args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
+    _ok(run_main(args + ["train.epochs=1"]))
+    r = _ok(run_main(args))  # RUN's 2 epochs: resumes (checkpoint.resume=auto) and trains the second
+    assert "resuming from" in r.stdout and "step_00000020" in r.stdout
+    _assert_same_as(out, straight)
+
+
+def test_checkpoint_of_another_model_is_refused(synthetic_mnist, tmp_path, straight):
+    import hashlib
+
+    from safetensors.torch import save_file
+
     out = tmp_path / "run"
     shutil.copytree(straight, out)
-    r = _ok(run_main(RUN + [f"data.root={mnist_root}", f"output_dir={out}"]))
+    ckpt = out / "checkpoints" / "step_00000040"
+    # Another architecture's weights, in a checkpoint that is otherwise intact.
+    save_file({"layers.0.weight": torch.zeros(4, 4)}, str(ckpt / "model.safetensors"))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = (ckpt / "model.safetensors").read_bytes()
+    manifest["model.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3"])
+    assert r.returncode == 2 and error_lines(r.stderr) == [r.stderr.strip()], r.stderr[-2000:]
+    assert f"checkpoint {ckpt} could not be loaded" in r.stderr and "new output_dir" in r.stderr
+
+
+def test_a_finished_run_started_again_does_nothing(synthetic_mnist, tmp_path, straight):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    r = _ok(run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]))
     assert "nothing to do" in r.stdout
     assert _trajectory(out) == _trajectory(straight)
 
 
-# Slower steps (batch 10 on 2 ranks, 200 per epoch) so a signal lands mid-training.
-SIGNAL_RUN = ["--config", "configs/debug.yaml", "data.train_samples=4000", "data.test_samples=100",
-              "train.epochs=1", "train.per_device_batch_size=10", "logging.every_n_steps=10",
-              "logging.wandb_mode=disabled"]
-# torchrun (under accelerate launch) forwards only these signals to the workers by default;
-# SIGUSR1 must be added, as launch/ and slurm/ do.
-FORWARD = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
-
-
-def _signal_run_args(mnist_root: Path, out: Path, nproc: int) -> list[str]:
-    return SIGNAL_RUN + [f"data.root={mnist_root}", f"output_dir={out}", f"train.per_device_batch_size={20 // nproc}"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(mnist_root, tmp_path_factory):
-    """`uninterrupted(nproc)`: the final weights of SIGNAL_RUN on nproc ranks, run once per nproc."""
-    weights = {}
-
-    def get(nproc: int) -> dict:
-        if nproc not in weights:
-            out = tmp_path_factory.mktemp(f"uninterrupted{nproc}") / "run"
-            _ok(run_main(_signal_run_args(mnist_root, out, nproc), launcher=accelerate_cpu(nproc), env=FORWARD))
-            weights[nproc] = load_weights(out)
-        return weights[nproc]
-
-    return get
-
-
+# INTERRUPTIBLE on 2 and 4 ranks. SIGINT to the launcher alone, which forwards it; SIGTERM to
+# every process of the job at once, three times in 20 ms, as scancel and Kubernetes send it.
+# SIGUSR1 through a launcher is tested with launch/ (test_launch.py) and SLURM (test_slurm.py).
 @pytest.mark.slow
-@pytest.mark.parametrize("signame,nproc", [("SIGTERM", 2), ("SIGUSR1", 2), ("SIGINT", 4)])
-def test_signal_to_the_launcher_checkpoints_every_rank_at_one_step_and_resumes(mnist_root, tmp_path, uninterrupted,
-                                                                                signame, nproc):
+@pytest.mark.parametrize("signame,nproc,whole_group", [("SIGTERM", 2, True), ("SIGINT", 4, False)])
+def test_a_stop_signal_checkpoints_every_rank_at_one_step_and_resumes_exactly(synthetic_mnist, tmp_path,
+                                                                              uninterrupted, signame, nproc,
+                                                                              whole_group):
     out = tmp_path / "run"
-    cmd = accelerate_cpu(nproc) + [str(MAIN)] + _signal_run_args(mnist_root, out, nproc)
+    cmd = accelerate_cpu(nproc) + [str(MAIN)] + interruptible(synthetic_mnist, out, nproc)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **FORWARD}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=whole_group)
     wait_for_metrics(out, proc, lines=2)
-    proc.send_signal(getattr(signal, signame))
+    for _ in range(3 if whole_group else 1):
+        if whole_group:
+            os.killpg(proc.pid, getattr(signal, signame))
+            time.sleep(0.01)
+        else:
+            proc.send_signal(getattr(signal, signame))
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0  # the launcher reports 1 for any child status...
     status = _status(out)  # ...so the outcome is read from status.json
     assert status["outcome"] == "preempted" and status["exit_code"] == PREEMPTED_EXIT, status
     stopped = status["step"]
-    assert 0 < stopped < 200 and f"stopped by {signame} at step {stopped}" in stdout
+    assert 0 < stopped < 100 and f"stopped by {signame} at step {stopped}" in stdout
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == [f"step_{stopped:08d}"]
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from" in resumed.stdout and _status(out)["outcome"] == "completed"
+    assert "resuming from" in resumed.stdout and _status(out)["outcome"] == "completed"
     lines = read_metrics(out)
     steps = [m["step"] for m in lines if "train/loss" in m]
-    assert steps == sorted(set(steps)) and steps[-1] == 200 and lines[-1]["step"] == 200
+    assert steps == sorted(set(steps)) and steps[-1] == 100 and lines[-1]["step"] == 100
 
     # The same run without interruption, on as many processes, ends with the same weights.
     a, b = load_weights(out), uninterrupted(nproc)
     assert all(torch.equal(a[k], b[k]) for k in a), "a resume must be bit-exact on the same processes"
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # 3 ranks, so the vote is a sum, not just the other rank's flag; rank 2 alone is signalled.
     vote = REPO / "tests" / "probes" / "stop_vote_probe.py"
@@ -265,22 +269,10 @@ def test_the_stop_vote_on_a_gpu_does_not_wait_for_the_step_queued_after_it():
     assert step_2_done.query()
 
 
-def test_signal_to_a_single_process_run(mnist_root, tmp_path):
+def test_signal_to_a_single_process_run(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    args = SIGNAL_RUN + [f"data.root={mnist_root}", f"output_dir={out}"]
-    proc = subprocess.Popen([sys.executable, str(MAIN)] + args, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = start_main(interruptible(synthetic_mnist, out, 1) + ["train.epochs=10"])  # 1,000 steps: one process is quick
     wait_for_metrics(out, proc, lines=1)
     proc.send_signal(signal.SIGUSR1)
     proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT and _status(out)["outcome"] == "preempted"
-
-
-@pytest.mark.slow
-def test_a_dead_rank_ends_the_job_in_bounded_time(mnist_root, tmp_path):
-    out = tmp_path / "run"
-    t0 = time.time()
-    r = run_main(SIGNAL_RUN + [f"data.root={mnist_root}", f"output_dir={out}", "train.collective_timeout_s=20"],
-                 launcher=accelerate_cpu(2), env={"DENOISE_FAULT": "after_step:5@1"}, timeout=120)
-    assert r.returncode != 0 and time.time() - t0 < 90
-    assert _status(out)["outcome"] != "completed"

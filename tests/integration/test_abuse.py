@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (MAIN, REPO, accelerate_cpu, error_lines, load_weights, read_metrics, run_main, start_main,
-                      wait_for_metrics)
+from conftest import (FORWARD, MAIN, REPO, accelerate_cpu, error_lines, load_weights, read_metrics, run_main,
+                      start_main, wait_for_metrics)
 from train.checkpoint import verify
 
 PREEMPTED_EXIT = 75
@@ -26,23 +26,27 @@ PREEMPTED_EXIT = 75
 # tests stop it themselves.
 LONG = ["--config", "configs/debug.yaml", "data.train_samples=4000", "data.test_samples=100", "train.epochs=10",
         "logging.every_n_steps=10", "logging.wandb_mode=disabled"]
-FORWARD = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
 
 
 def _status(out: Path) -> dict:
     return json.loads((out / "status.json").read_text())
 
 
-def _stopped_cleanly(out: Path, signame: str) -> int:
-    """Assert the run recorded a stop at step N with an intact checkpoint of step N; return N."""
+def _stopped_cleanly(out: Path, *reasons: str) -> int:
+    """Assert the run recorded a stop at step N, for one of `reasons`, with an intact checkpoint
+    of step N; return N."""
     status = _status(out)
     assert status["outcome"] == "preempted" and status["exit_code"] == PREEMPTED_EXIT, status
-    assert signame in status["message"], status
+    assert any(reason in status["message"] for reason in reasons), status
     ckpt = out / "checkpoints" / f"step_{status['step']:08d}"
     assert verify(ckpt) is None, f"the stop checkpoint {ckpt} is missing or damaged"
     steps = [(m["step"], "eval/mse" in m) for m in read_metrics(out)]
     assert len(steps) == len(set(steps)), "metrics.jsonl has a step written twice"
     return status["step"]
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
 
 
 def _our_traceback(stderr: str) -> bool:
@@ -69,13 +73,13 @@ def _children(pid: int) -> list[int]:
 
 # -- 1. one run per output_dir -------------------------------------------------------------
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_a_second_run_in_the_same_output_dir_is_refused_and_touches_nothing(mnist_root, tmp_path, nproc):
+def test_a_second_run_in_the_same_output_dir_is_refused_and_touches_nothing(synthetic_mnist, tmp_path, nproc):
     out = tmp_path / "run"
-    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}"]
+    args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
     first = start_main(args)
     try:
         wait_for_metrics(out, first, lines=1)
-        before = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
+        before = _checkpoints(out)
         second = run_main(args + [f"train.per_device_batch_size={20 // nproc}"],
                           launcher=accelerate_cpu(nproc) if nproc > 1 else None, timeout=120)
         assert second.returncode != 0 and first.poll() is None, second.stderr[-2000:]
@@ -86,7 +90,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_and_touches_nothing(mnis
         assert not _our_traceback(second.stderr)  # (accelerate launch adds one of its own)
         assert "setup:" not in second.stdout
         assert _status(out)["outcome"] == "running"  # the first run's record
-        assert all(p.name in before or p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
+        assert all(name in before or name.startswith("step_") for name in _checkpoints(out))
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
@@ -94,26 +98,26 @@ def test_a_second_run_in_the_same_output_dir_is_refused_and_touches_nothing(mnis
     _stopped_cleanly(out, "SIGTERM")
 
 
-def test_the_status_command_and_the_next_run_record_a_killed_run_as_failed(mnist_root, tmp_path):
-    out = tmp_path / "run"
-    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=1", "checkpoint.every_n_steps=50"]
-    assert run_main(args, env={"DENOISE_FAULT": "after_step:120"}).returncode == -signal.SIGKILL
+def test_the_status_command_and_the_next_run_record_a_killed_run_as_failed(synthetic_mnist, tmp_path):
+    out, copy = tmp_path / "run", tmp_path / "copy"
+    args = LONG + [f"data.root={synthetic_mnist}", "train.epochs=1", "checkpoint.every_n_steps=50"]
+    assert run_main(args + [f"output_dir={out}"], env={"DENOISE_FAULT": "after_step:120"}).returncode == -signal.SIGKILL
     assert _status(out)["outcome"] == "running"  # a SIGKILLed process can write nothing...
-    status = subprocess.run([sys.executable, "-m", "train.status", str(out)], cwd=REPO, capture_output=True,
+    shutil.copytree(out, copy)  # the same killed run, for each of the two readers
+    status = subprocess.run([sys.executable, "-m", "train.status", str(copy)], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert status.stdout == "failed 1\n", status  # ...but no reader is told it still runs
-    assert _status(out)["outcome"] == "failed" and "without recording an outcome" in _status(out)["message"]
+    assert _status(copy)["outcome"] == "failed" and "without recording an outcome" in _status(copy)["message"]
 
-    assert run_main(args, env={"DENOISE_FAULT": "after_step:160"}).returncode == -signal.SIGKILL
-    resumed = run_main(args)
+    resumed = run_main(args + [f"output_dir={out}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "the previous run in" in resumed.stdout and "was killed without recording an outcome" in resumed.stdout
     assert "resuming from" in resumed.stdout and _status(out)["outcome"] == "completed"
 
 
-def test_a_run_refused_at_start_up_leaves_the_finished_runs_status(mnist_root, tmp_path):
+def test_a_run_refused_at_start_up_leaves_the_finished_runs_status(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    args = ["--config", "configs/debug.yaml", f"data.root={mnist_root}", f"output_dir={out}",
+    args = ["--config", "configs/debug.yaml", f"data.root={synthetic_mnist}", f"output_dir={out}",
             "data.train_samples=200", "data.test_samples=50", "train.epochs=1"]
     assert run_main(args).returncode == 0
     done = (out / "status.json").read_bytes()
@@ -125,9 +129,9 @@ def test_a_run_refused_at_start_up_leaves_the_finished_runs_status(mnist_root, t
 
 # -- 2. workers end with their launcher -----------------------------------------------------
 @pytest.mark.slow
-def test_workers_checkpoint_and_end_when_their_launcher_is_killed(mnist_root, tmp_path):
+def test_workers_checkpoint_and_end_when_their_launcher_is_killed(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10"]
+    args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.per_device_batch_size=10"]
     with open(tmp_path / "log", "w") as log:  # a file, not a pipe: orphaned workers keep writing to it
         launcher = start_main(args, launcher=accelerate_cpu(2), env=FORWARD, stdout=log, stderr=subprocess.STDOUT)
         wait_for_metrics(out, launcher, lines=2, log=lambda: (tmp_path / "log").read_text())
@@ -139,7 +143,8 @@ def test_workers_checkpoint_and_end_when_their_launcher_is_killed(mnist_root, tm
         while any(_alive(pid) for pid in workers):
             assert time.time() - t0 < 60, "workers outlived their launcher by a minute"
             time.sleep(0.2)
-    stopped = _stopped_cleanly(out, "the death of its launcher")
+    # Rank 0 records the stop: its own launcher watch, or rank 1's first, through the stop vote.
+    stopped = _stopped_cleanly(out, "the death of its launcher", "stopped by a signal on another rank")
     # Resumed for 20 more steps, not the ~2,000 left: the resume is what is tested here.
     resumed = run_main(args + [f"train.max_steps={stopped + 20}"], launcher=accelerate_cpu(2), env=FORWARD)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
@@ -147,10 +152,10 @@ def test_workers_checkpoint_and_end_when_their_launcher_is_killed(mnist_root, tm
 
 
 # -- 5. stop signals -------------------------------------------------------------------------
-@pytest.mark.parametrize("signals", [["SIGTERM"] * 3, ["SIGHUP"], ["SIGINT", "SIGTERM"]])
-def test_a_burst_of_stop_signals_or_sighup_is_one_stop_request(mnist_root, tmp_path, signals):
+@pytest.mark.parametrize("signals", [["SIGINT", "SIGTERM", "SIGTERM"], ["SIGHUP"]])
+def test_a_burst_of_stop_signals_or_sighup_is_one_stop_request(synthetic_mnist, tmp_path, signals):
     out = tmp_path / "run"
-    proc = start_main(LONG + [f"data.root={mnist_root}", f"output_dir={out}"])
+    proc = start_main(LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"])
     wait_for_metrics(out, proc, lines=1)
     for name in signals:  # a few ms apart, as SLURM and a forwarding launcher send them
         proc.send_signal(getattr(signal, name))
@@ -158,19 +163,6 @@ def test_a_burst_of_stop_signals_or_sighup_is_one_stop_request(mnist_root, tmp_p
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
     _stopped_cleanly(out, signals[0])
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_launcher_and_its_workers_together_checkpoints(mnist_root, tmp_path):
-    out = tmp_path / "run"
-    args = LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10"]
-    proc = start_main(args, launcher=accelerate_cpu(2), env=FORWARD, start_new_session=True)
-    wait_for_metrics(out, proc, lines=2)
-    for _ in range(3):  # what scancel and Kubernetes do, every process of the job at once, three times in 20 ms
-        os.killpg(proc.pid, signal.SIGTERM)
-        time.sleep(0.01)
-    proc.communicate(timeout=120)
-    _stopped_cleanly(out, "SIGTERM")
 
 
 def test_a_second_request_after_the_first_stops_at_once_and_records_it(tmp_path):
@@ -184,13 +176,14 @@ def test_a_second_request_after_the_first_stops_at_once_and_records_it(tmp_path)
 
 # -- 6. a dead rank 0 ------------------------------------------------------------------------
 @pytest.mark.slow
-def test_status_is_failed_not_running_after_rank_0_is_killed(mnist_root, tmp_path):
+def test_a_dead_rank_0_ends_the_job_in_bounded_time_and_its_status_is_failed(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    r = run_main(LONG + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10",
-                         "train.collective_timeout_s=30"],
+    t0 = time.time()
+    r = run_main(LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.per_device_batch_size=10",
+                         "train.collective_timeout_s=20"],
                  launcher=accelerate_cpu(2), env={"DENOISE_FAULT": "after_step:15@0"}, timeout=180)
-    assert r.returncode != 0
-    status = _status(out)  # written by the surviving rank
+    assert r.returncode != 0 and time.time() - t0 < 90
+    status = _status(out)  # written by the surviving rank: rank 0 was killed before it could
     assert status["outcome"] == "failed", status
 
 
@@ -204,10 +197,11 @@ needs_mount = pytest.mark.skipif(not _can_mount() and os.environ.get("CI") != "t
                                  reason="needs root for a private tmpfs (unshare -m); CI has it")
 
 
+@pytest.mark.slow
 @needs_mount
-def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_resumes(mnist_root, tmp_path):
+def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_resumes(synthetic_mnist, tmp_path):
     straight = tmp_path / "straight"
-    args = ["--config", "configs/debug.yaml", f"data.root={mnist_root}", "data.train_samples=4000",
+    args = ["--config", "configs/debug.yaml", f"data.root={synthetic_mnist}", "data.train_samples=4000",
             "data.test_samples=100", "train.epochs=1", "logging.every_n_steps=10", "checkpoint.every_n_steps=50",
             "checkpoint.keep_last=5"]
     assert run_main(args + [f"output_dir={straight}"]).returncode == 0
@@ -284,10 +278,11 @@ def test_a_stop_signal_during_start_up_ends_the_run_at_once(tmp_path, stalled_pr
 
 
 # -- 10. launch mistakes and small ones -----------------------------------------------------
-def test_num_processes_without_multi_gpu_is_refused(mnist_root, tmp_path):
+@pytest.mark.slow
+def test_num_processes_without_multi_gpu_is_refused(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
-    r = run_main(["--config", "configs/debug.yaml", f"data.root={mnist_root}", f"output_dir={out}"], launcher=launcher)
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={synthetic_mnist}", f"output_dir={out}"], launcher=launcher)
     assert r.returncode != 0 and not out.exists()
     assert error_lines(r.stderr) == [
         "error: accelerate launch --num_processes 2 started ONE process: without --multi_gpu it runs a single process; "
@@ -295,7 +290,7 @@ def test_num_processes_without_multi_gpu_is_refused(mnist_root, tmp_path):
         "--num_processes 2 ...)"]
 
 
-def test_data_problems_say_what_really_failed(mnist_root, tmp_path, tiny_mnist):
+def test_data_problems_say_what_really_failed(synthetic_mnist, tmp_path, tiny_mnist):
     r = run_main(["--config", "configs/debug.yaml", f"data.root={tiny_mnist}", f"output_dir={tmp_path / 'a'}",
                   "data.train_samples=500", "train.epochs=1"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -312,6 +307,7 @@ def test_data_problems_say_what_really_failed(mnist_root, tmp_path, tiny_mnist):
     assert f"it cannot be downloaded there: data.root {ro} is not writable" in line and "no network" not in line
 
 
+@pytest.mark.slow
 def test_the_launch_warning_the_readme_explains_is_harmless(tiny_mnist, tmp_path):
     # No accelerate config file here (a fresh HOME): accelerate warns about its defaults.
     r = run_main(["--config", "configs/debug.yaml", f"data.root={tiny_mnist}", f"output_dir={tmp_path / 'run'}",

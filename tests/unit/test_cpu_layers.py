@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import load_weights, run_main
 from train.speed.cpu_layers import ConvToOne, Upsample2x, cpu_layers_unsupported, use_cpu_layers
 from train.model import ConvDenoiser, UNet
-
-SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
-
 
 def _forward_backward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Output, input gradient and parameter gradients for one random output gradient."""
@@ -108,20 +103,3 @@ def test_the_forms_apply_to_fp32_eager_cpu_runs_only(device, precision, compiled
     assert (reason in said) if reason else said == ""
 
 
-def test_the_job_uses_the_cpu_forms_unless_told_not_to(tiny_mnist, tmp_path):
-    """main.py swaps them in on a CPU in fp32 when asked (not by default), and says why where it does not."""
-    patched = ("import sys, train.speed.cpu_layers as c; calls = []; real = c.use_cpu_layers; "
-               "c.use_cpu_layers = lambda m: calls.append(real(m)) or calls[-1]; "
-               "from train.main import main; code = main(sys.argv[2:]); print('calls', calls); sys.exit(code)")
-    base = SMALL + [f"data.root={tiny_mnist}", "train.max_steps=2"]
-    runs = {"on": (["perf.cpu_layers=true"], "calls [6]", None), "default": ([], "calls []", None),
-            "bf16": (["perf.cpu_layers=true", "train.mixed_precision=bf16"], "calls []",
-                     "perf.cpu_layers not applied: mixed precision bf16")}
-    for name, (setting, calls, said) in runs.items():
-        result = run_main(base + setting + [f"output_dir={tmp_path / name}"], launcher=[sys.executable, "-c", patched],
-                          env={"CUDA_VISIBLE_DEVICES": ""})  # a CPU run, on a GPU machine too
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert calls in result.stdout
-        assert (said in result.stdout + result.stderr) if said else "perf.cpu_layers not applied" not in result.stdout
-    for k, v in load_weights(tmp_path / "default").items():  # two steps apart by rounding only
-        torch.testing.assert_close(load_weights(tmp_path / "on")[k], v, rtol=1e-4, atol=1e-6)

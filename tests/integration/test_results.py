@@ -26,6 +26,7 @@ def _results_module():
     return module
 
 
+@pytest.mark.slow
 def test_results_script_trains_scores_and_writes_the_page(mnist_root, tmp_path):
     pytest.importorskip("matplotlib", reason="the plot needs the results extra (CI installs it)")
     results = _results_module()

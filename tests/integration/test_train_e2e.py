@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, accelerate_cpu, load_weights, make_tiny_mnist, read_metrics, run_main
+from conftest import REPO, load_weights, make_tiny_mnist, read_metrics, run_main
 from train import checkpoint
 from train.config import load_config
 from train.model import ConvDenoiser
@@ -25,9 +24,9 @@ def _ok(result):
     return result
 
 
-def test_single_process_run_writes_every_output(mnist_root, tmp_path):
+def test_single_process_run_writes_every_output(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=2"]))
+    r = _ok(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=2"]))
     assert r.stdout.count("setup: distributed_type=NO, world_size=1") == 1
     # Where the loop's time went: two evaluations and two checkpoints, one per epoch.
     split = re.search(r"time: training ([\d.]+) s, evaluation ([\d.]+) s \(2 runs\), checkpoints ([\d.]+) s "
@@ -46,9 +45,9 @@ def test_single_process_run_writes_every_output(mnist_root, tmp_path):
     assert [m["epoch"] for m in eval_lines] == [1, 2]
     for m in eval_lines:
         assert set(m) >= {"step", "epoch", "eval/mse", "eval/psnr_db", "eval/ssim", "eval/noisy_psnr_db"}
-        assert m["eval/images"] == 10_000  # the full test set
-        assert 9.0 < m["eval/noisy_psnr_db"] < 9.8
-    assert eval_lines[-1]["eval/psnr_db"] > eval_lines[-1]["eval/noisy_psnr_db"]  # it learned something
+        assert m["eval/images"] == 1000  # the whole test set
+        assert 9.0 < m["eval/noisy_psnr_db"] < 9.8  # noise factor 0.5, clipped: as on MNIST (9.37 dB)
+    assert eval_lines[1]["eval/psnr_db"] > eval_lines[0]["eval/psnr_db"] + 1  # it learns (measured: +2.4 dB)
     assert [m["step"] for m in train_lines] == list(range(5, 41, 5))
     assert all(m["train/loss"] > 0 and m["train/images_per_s"] > 0 for m in train_lines)
 
@@ -64,26 +63,33 @@ def test_single_process_run_writes_every_output(mnist_root, tmp_path):
     assert torch.isfinite(model(torch.rand(2, 1, 28, 28))).all()
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_form_a_gloo_group_and_only_rank0_writes(mnist_root, tmp_path):
-    out = tmp_path / "run"
-    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.per_device_batch_size=10",
-                              "data.test_samples=300", "train.epochs=1"],
-                     launcher=accelerate_cpu(2), env={"ACCELERATE_USE_CPU": "true"}))
-    setup = json.loads((out / "setup.json").read_text())
-    assert (setup["distributed_type"], setup["world_size"], setup["backend"]) == ("MULTI_CPU", 2, "gloo")
-    # Printed once, by the main process only.
-    assert r.stdout.count("setup:") == 1 and r.stdout.count("test PSNR") == 1
-    lines = read_metrics(out)
-    assert len({json.dumps(m, sort_keys=True) for m in lines}) == len(lines)  # no line written twice
-    eval_line = [m for m in lines if "eval/mse" in m][-1]
-    assert eval_line["step"] == 400 // (10 * 2) and eval_line["eval/images"] == 300
-    assert (out / "model.safetensors").is_file()
+def test_a_run_forked_from_the_warm_interpreter_is_a_new_process_run(synthetic_mnist, tmp_path):
+    """run_main forks single-process runs from tests/warm_main.py. The same run forked and as a
+    new process (`launcher=[python]`) writes the same files, metrics and log (but for times)."""
+    from conftest import _warm
+
+    if _warm() is None:
+        pytest.skip("no warm interpreter here (CUDA): every run is a new process")
+    args = QUICK + [f"data.root={synthetic_mnist}", "train.epochs=1", "data.test_samples=100"]
+    runs = {"warm": run_main(args + [f"output_dir={tmp_path / 'warm'}"]),
+            "new": run_main(args + [f"output_dir={tmp_path / 'new'}"], launcher=[sys.executable])}
+    seen = {}
+    for name, r in runs.items():
+        out = tmp_path / name
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        log = [re.sub(r"^\[[\d:]+\] ", "", line).replace(str(out), "OUT") for line in r.stdout.splitlines()]
+        metrics = [{k: v for k, v in m.items() if k not in ("train/images_per_s", "memory/max_rss_gib")}
+                   for m in read_metrics(out)]
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        seen[name] = ([line for line in log if not line.startswith("time:")], metrics, files,
+                      (out / "model.safetensors").read_bytes(),
+                      {k: v for k, v in json.loads((out / "status.json").read_text()).items() if k != "time"})
+    assert seen["warm"] == seen["new"]
 
 
-def test_wandb_offline_run_holds_config_and_metrics(mnist_root, tmp_path):
+def test_wandb_offline_run_holds_config_and_metrics(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "logging.wandb_mode=offline",
+    _ok(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "logging.wandb_mode=offline",
                           "data.test_samples=200", "train.epochs=1", "train.seed=5"]))
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -93,19 +99,6 @@ def test_wandb_offline_run_holds_config_and_metrics(mnist_root, tmp_path):
     for needed in (b"per_device_batch_size", b"world_size", b"eval/psnr_db", b"eval/ssim", b"train/loss"):
         assert needed in records, needed
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png")), "sample grid logged as an image"
-
-
-def test_resume_continues_to_the_same_weights(mnist_root, tmp_path):
-    args = QUICK + [f"data.root={mnist_root}", "data.test_samples=100", "data.train_samples=200"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _ok(run_main(args + [f"output_dir={straight}", "train.epochs=3"]))
-    _ok(run_main(args + [f"output_dir={split}", "train.epochs=1"]))
-    r = _ok(run_main(args + [f"output_dir={split}", "train.epochs=3"]))  # resume=auto by default
-    assert "resuming from" in r.stdout
-    a, b = load_weights(straight), load_weights(split)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resume must be exact on one CPU process"
-    steps = [(m["step"], "eval/mse" in m) for m in read_metrics(split)]
-    assert len(steps) == len(set(steps)) and steps == [(m["step"], "eval/mse" in m) for m in read_metrics(straight)]
 
 
 def _error_line(result) -> str:
@@ -148,25 +141,6 @@ def test_user_errors_end_in_one_line_and_exit_2(tmp_path, tiny_mnist, overrides,
         assert w.format(tmp=tmp_path) in line, (w, line)
 
 
-def test_checkpoint_of_another_model_is_refused(mnist_root, tmp_path):
-    import hashlib
-
-    from safetensors.torch import save_file
-
-    out = tmp_path / "out"
-    args = QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=50", "train.epochs=1"]
-    _ok(run_main(args))
-    ckpt = out / "checkpoints" / "step_00000020"
-    # Another architecture's weights, in a checkpoint that is otherwise intact.
-    save_file({"layers.0.weight": torch.zeros(4, 4)}, str(ckpt / "model.safetensors"))
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    data = (ckpt / "model.safetensors").read_bytes()
-    manifest["model.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    line = _error_line(run_main(args + ["train.epochs=2"]))
-    assert f"checkpoint {ckpt} could not be loaded" in line and "new output_dir" in line
-
-
 def test_debug_flag_shows_the_traceback(tmp_path):
     r = run_main(["--debug", "trian.epochs=1"])
     assert r.returncode != 0 and "Traceback" in r.stderr
@@ -193,11 +167,11 @@ def test_diverged_training_stops_before_checkpointing(tmp_path, tiny_mnist):
     assert json.loads((out / "status.json").read_text())["outcome"] == "failed"
 
 
-def test_collapsed_run_stops_with_one_line_and_keeps_the_checkpoints_before(mnist_root, tmp_path):
+def test_collapsed_run_stops_with_one_line_and_keeps_the_checkpoints_before(synthetic_mnist, tmp_path):
     # lr 0.05 drives the reference model to all-black outputs within its first 20 steps
     # (measured: output std exactly 0, test MSE that of predicting zeros).
     out = tmp_path / "out"
-    line = _error_line(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=200",
+    line = _error_line(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.test_samples=200",
                                          "train.epochs=3", "train.lr=0.05", "eval.collapse_check_from_step=30"]))
     assert "training collapsed by step 40" in line and "no longer depend on the input" in line
     assert "lower train.lr" in line and "checkpoints before the collapse are kept" in line
@@ -209,9 +183,9 @@ def test_collapsed_run_stops_with_one_line_and_keeps_the_checkpoints_before(mnis
     assert json.loads((out / "status.json").read_text())["outcome"] == "failed"
 
 
-def test_unet_with_salt_and_pepper_per_sample_levels_trains(mnist_root, tmp_path):
+def test_unet_with_salt_and_pepper_per_sample_levels_trains(synthetic_mnist, tmp_path):
     out = tmp_path / "out"
-    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=200",
+    r = _ok(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.test_samples=200",
                               "train.epochs=2", "train.lr=0.003", "model.name=unet", "model.unet.channels=8",
                               "model.unet.levels=2", "noise.kind=salt_pepper", "noise.factor=0.3", "noise.train_factor_min=0.1",
                               "noise.train_factor_max=0.5", "eval.collapse_check_from_step=0"]))
@@ -221,7 +195,7 @@ def test_unet_with_salt_and_pepper_per_sample_levels_trains(mnist_root, tmp_path
     # 30% of pixels flipped to 0 or 1; 40 steps of a small U-Net clean up a good part (measured: +6 dB).
     assert ev["eval/psnr_db"] > ev["eval/noisy_psnr_db"] + 4
     # A resume with other model settings is refused: the weights would not fit.
-    line = _error_line(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=3",
+    line = _error_line(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3",
                                          "model.name=unet", "model.unet.channels=4", "model.unet.levels=2"]))
     assert ("model.settings: saved {'channels': 8, 'levels': 2, 'top_channels': 0}, "
             "now {'channels': 4, 'levels': 2, 'top_channels': 0}") in line
@@ -236,16 +210,16 @@ def test_unet_with_salt_and_pepper_per_sample_levels_trains(mnist_root, tmp_path
     (newest / "manifest.json").write_text(json.dumps(manifest))
     unet8 = ["model.name=unet", "model.unet.channels=8", "model.unet.levels=2", "noise.kind=salt_pepper",
              "noise.factor=0.3", "noise.train_factor_min=0.1", "noise.train_factor_max=0.5"]
-    line = _error_line(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "train.epochs=3", *unet8,
+    line = _error_line(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3", *unet8,
                                          "model.unet.top_channels=4"]))
     assert "model.settings: saved {'channels': 8, 'levels': 2}, now {'channels': 8, 'levels': 2, 'top_channels': 4}" in line
-    r = _ok(run_main(QUICK + [f"data.root={mnist_root}", f"output_dir={out}", "data.test_samples=200", "train.epochs=3",
+    r = _ok(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.test_samples=200", "train.epochs=3",
                               "train.lr=0.003", *unet8, "eval.collapse_check_from_step=0"]))
     assert "resuming from" in r.stdout and "step 60 epoch 3" in r.stdout
 
 
-def test_cosine_schedule_resumes_exactly_after_a_crash(mnist_root, tmp_path):
-    args = QUICK + [f"data.root={mnist_root}", "data.test_samples=100", "data.train_samples=200", "train.epochs=3",
+def test_cosine_schedule_resumes_exactly_after_a_crash(synthetic_mnist, tmp_path):
+    args = QUICK + [f"data.root={synthetic_mnist}", "data.test_samples=100", "data.train_samples=200", "train.epochs=3",
                     "train.lr_schedule=cosine", "train.warmup_steps=4", "checkpoint.every_n_steps=8"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     _ok(run_main(args + [f"output_dir={straight}"]))
@@ -258,3 +232,11 @@ def test_cosine_schedule_resumes_exactly_after_a_crash(mnist_root, tmp_path):
     # More epochs would stretch the cosine under the saved optimizer: refused.
     line = _error_line(run_main(args + [f"output_dir={crashed}", "train.epochs=4"]))
     assert "train.epochs: saved 3, now 4" in line
+
+
+def test_a_config_error_is_reported_before_torch_is_imported():
+    probe = ("import sys; from train.main import main; code = main(['train.epocs=1']); "
+             "print('torch' in sys.modules); sys.exit(code)")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "False\n", r
+    assert r.stderr.startswith("error: unknown config key 'train.epocs'")

@@ -1,4 +1,4 @@
-"""Loading MNIST through torchvision's reader, its errors, and how samples are dealt to ranks."""
+"""Loading MNIST's IDX files, their errors, and how samples are dealt to ranks."""
 
 from __future__ import annotations
 

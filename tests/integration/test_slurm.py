@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, accelerate_cpu, load_weights, read_metrics, run_main, wait_for_metrics
+from conftest import REPO, interruptible, load_weights, read_metrics, wait_for_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -49,25 +49,12 @@ def log_of(tmp_path: Path) -> str:
     return "".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
 
 
-def test_two_node_job_trains_with_one_rank_per_process(slurm, mnist_root, tmp_path):
+def test_a_two_node_job_preempted_checkpoints_requeues_and_resumes_exactly(slurm, synthetic_mnist, uninterrupted,
+                                                                          tmp_path):
+    # 2 nodes x 2 ranks: the case where a resume is exact only if every step all-reduces in the
+    # same bucket layout (see Trainer._settle_gradient_buckets).
     out = tmp_path / "run"
-    proc = sbatch(tmp_path, TRAIN + [f"data.root={mnist_root}", f"output_dir={out}", "data.train_samples=400"])
-    stdout, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, log_of(tmp_path) + stderr
-    log = log_of(tmp_path)
-    assert json.loads((out / "setup.json").read_text())["world_size"] == 4  # 2 nodes x 2 processes
-    ranks = re.findall(r"\[launch\] \S+ machine_rank=(\d) of 2: 2 process\(es\) here, world 4", log)
-    assert sorted(ranks) == ["0", "1"], log
-    assert json.loads((out / "status.json").read_text())["outcome"] == "completed"
-    assert (out / "model.safetensors").is_file() and read_metrics(out)[-1]["step"] == 400 // 20
-
-
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, mnist_root, tmp_path):
-    # 4 ranks: the case where a resume is exact only if every step all-reduces in the same
-    # bucket layout (see Trainer._settle_gradient_buckets).
-    out = tmp_path / "run"
-    common = TRAIN + [f"data.root={mnist_root}", "data.train_samples=4000"]
-    proc = sbatch(tmp_path, common + [f"output_dir={out}"])
+    proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4))
     wait_for_metrics(out, proc, lines=2, log=lambda: log_of(tmp_path))
     job = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()[0]
     # What SLURM sends to the job steps before the time limit (--signal=USR1@180).
@@ -78,20 +65,22 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, mnist_roo
     assert "training ended: preempted" in log and f"requeueing job {job}" in log and "run 2 on 2 node(s)" in log
     assert job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "COMPLETED"
     stopped = int(re.search(r"stopped by SIGUSR1 at step (\d+)", log).group(1))
-    assert 0 < stopped < 200 and f"resuming from {out}/checkpoints/step_{stopped:08d}" in log
+    assert 0 < stopped < 100 and f"resuming from {out}/checkpoints/step_{stopped:08d}" in log
+    # Each run: one launcher per node, two ranks each, one world of 4.
+    ranks = re.findall(r"\[launch\] \S+ machine_rank=(\d) of 2: 2 process\(es\) here, world 4", log)
+    assert sorted(ranks) == ["0", "0", "1", "1"], log
+    assert json.loads((out / "setup.json").read_text())["world_size"] == 4
+    assert json.loads((out / "status.json").read_text())["outcome"] == "completed"
     steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
-    assert steps == sorted(set(steps)) and steps[-1] == 200
+    assert steps == sorted(set(steps)) and steps[-1] == 100
     # Bit-identical to the same 4 ranks trained without interruption (on one node).
-    ref = tmp_path / "ref"
-    r = run_main(common + [f"output_dir={ref}"], launcher=accelerate_cpu(4))
-    assert r.returncode == 0, r.stderr
-    a, b = load_weights(out), load_weights(ref)
+    a, b = load_weights(out), uninterrupted(4)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_user_error_is_not_requeued_and_its_exit_code_propagates(slurm, mnist_root, tmp_path):
+def test_user_error_is_not_requeued_and_its_exit_code_propagates(slurm, synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    proc = sbatch(tmp_path, TRAIN + [f"data.root={mnist_root}", f"output_dir={out}", "train.lr=-1"])
+    proc = sbatch(tmp_path, TRAIN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.lr=-1"])
     stdout, stderr = proc.communicate(timeout=180)
     job = stdout.strip().split(";")[0]
     log = log_of(tmp_path)

@@ -1,23 +1,20 @@
 """Speed settings change how fast, not what: each one against the plain run.
 
-The CUDA graph tests need a GPU (marker `gpu`); the bookkeeping around the capture (warm-up
-steps that must leave no trace, static inputs) is checked here on the CPU too.
+In process: the rewrites against the layers they replace, the settings' rules, the capture's
+bookkeeping (warm-up steps that must leave no trace) on the CPU; the job's runs under each
+setting are in tests/integration/test_speed_settings.py.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import platform
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, load_weights, read_metrics, run_main
+from conftest import REPO
 from train import noise
 from train.config import ConfigError, load_config
 from train.data import EpochOrder, Split
@@ -25,14 +22,6 @@ from train.loop import batch_maker, build_optimizer, epoch_batches
 from train.model import ConvDenoiser, UNet
 from train.speed.cuda_graph import CapturedStep
 from train.speed.thin_conv import PaddedConv2d, pad_thin_convs
-
-SMALL = ["--config", "configs/debug.yaml", "train.epochs=1", "logging.wandb_mode=disabled", "logging.every_n_steps=5"]
-
-
-def _ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}"
-    return result
-
 
 def test_lr_scaling_rules():
     cfg = load_config(None, ["train.lr=0.001", "train.lr_scaling=sqrt"])
@@ -105,16 +94,6 @@ def test_capture_warmup_leaves_no_trace():
             assert all(torch.equal(p[k], w[k]) for k in p)
 
 
-def test_cuda_graphs_are_refused_where_they_cannot_run(tiny_mnist, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU; the refusal is for machines without one")
-    out = tmp_path / "run"
-    result = run_main(SMALL + [f"data.root={tiny_mnist}", f"output_dir={out}", "perf.cuda_graphs=true"])
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: perf.cuda_graphs=true needs a CUDA GPU (there is none): set perf.cuda_graphs=false or fix that"]
-
-
 @pytest.mark.parametrize("device, processes, accumulation, precision, problem", [
     ("cuda", 2, 1, "no", "one process (this launch has 2"),
     ("cuda", 1, 4, "no", "train.gradient_accumulation_steps=1"),
@@ -137,23 +116,6 @@ def test_cuda_graphs_refuse_what_a_capture_cannot_hold(device, processes, accumu
     allowed = load_config(None, ["perf.cuda_graphs=true"])  # one GPU, bf16, no accumulation
     check_perf(allowed.perf, allowed.train, SimpleNamespace(device=torch.device("cuda"), num_processes=1,
                                                             mixed_precision="bf16"))
-
-
-def test_channels_last_and_compile_train_the_same_model(tiny_mnist, tmp_path):
-    """Other kernels, same arithmetic: weights agree to rounding after an epoch of steps,
-    and the train log carries the memory figures."""
-    base = SMALL + [f"data.root={tiny_mnist}", "data.train_samples=96"]
-    runs = {"plain": ["perf.channels_last=false", "perf.cpu_layers=false"], "channels_last": [],
-            "compiled": ["perf.compile=true"], "padded": ["perf.pad_thin_convs=true"]}
-    for name, extra in runs.items():
-        _ok(run_main(base + extra + [f"output_dir={tmp_path / name}"], timeout=600))
-    ref = load_weights(tmp_path / "plain")
-    for name in runs:
-        got = load_weights(tmp_path / name)
-        for k in ref:
-            assert torch.allclose(got[k], ref[k], atol=1e-5), (name, k, (got[k] - ref[k]).abs().max())
-    record = next(m for m in read_metrics(tmp_path / "plain") if "train/loss" in m)
-    assert 0.05 < record["memory/max_rss_gib"] < 64
 
 
 def _padded_against_plain(model: torch.nn.Module, device: str, channels_last: bool, precision: str):
@@ -213,25 +175,6 @@ def test_apply_perf_applies_each_setting_and_says_which_do_not_apply_here(precis
     assert any(n.startswith("perf.cpu_layers not applied: mixed precision bf16") for n in notes) == (precision == "bf16")
 
 
-def test_the_default_run_trains_model_py_as_written_without_the_speed_package(tiny_mnist, tmp_path):
-    """No layer swapped and train.speed never imported unless a perf.* setting asks."""
-    probe = ("import sys, train.perf as p, train.model as m; real = p.apply_perf; seen = []\n"
-             "def spy(model, *a):\n"
-             "    notes = real(model, *a); seen.append([type(x) for x in model.modules()]); return notes\n"
-             "p.apply_perf = spy\n"
-             "from train.main import main; code = main(sys.argv[2:])\n"
-             "print('as written', seen == [[type(x) for x in m.ConvDenoiser().modules()]])\n"
-             "print('speed', sorted(n for n in sys.modules if n.startswith('train.speed'))); sys.exit(code)")
-    base = SMALL + [f"data.root={tiny_mnist}", "train.max_steps=2"]
-    result = _ok(run_main(base + [f"output_dir={tmp_path / 'default'}"], launcher=[sys.executable, "-c", probe],
-                          env={"CUDA_VISIBLE_DEVICES": ""}))
-    assert "as written True" in result.stdout and "speed []" in result.stdout
-    result = _ok(run_main(base + [f"output_dir={tmp_path / 'fast'}", "--config", "configs/fast_cpu.yaml"],
-                          launcher=[sys.executable, "-c", probe], env={"CUDA_VISIBLE_DEVICES": ""}))
-    assert "as written False" in result.stdout
-    assert "speed ['train.speed', 'train.speed.cpu_layers', 'train.speed.host_memory']" in result.stdout
-
-
 def _imports(path) -> set[str]:
     """The train.* modules a file imports, anywhere in it (function-level imports too)."""
     import ast
@@ -243,6 +186,23 @@ def _imports(path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return {n for n in names if n.startswith("train.")}
+
+
+def test_host_memory_is_kept_only_when_asked_and_a_refusal_is_a_note(monkeypatch):
+    import train.speed.host_memory as host_memory
+    from train.perf import maybe_keep_freed_host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_host_memory", lambda: calls.append(1) or False)
+    assert maybe_keep_freed_host_memory(load_config(None, []).perf) == [] and calls == []
+    notes = maybe_keep_freed_host_memory(load_config(None, ["perf.reuse_host_memory=true"]).perf)
+    assert calls == [1] and len(notes) == 1 and notes[0].startswith("perf.reuse_host_memory had no effect")
+
+
+def test_fast_cpu_yaml_asks_for_the_two_cpu_rewrites_and_the_default_for_none():
+    fast, default = load_config(str(REPO / "configs" / "fast_cpu.yaml"), []).perf, load_config(None, []).perf
+    assert fast.cpu_layers and fast.reuse_host_memory
+    assert not default.cpu_layers and not default.reuse_host_memory
 
 
 def test_the_core_imports_the_speed_package_only_where_a_setting_asks_and_has_no_import_cycle():
@@ -271,23 +231,6 @@ def test_the_core_imports_the_speed_package_only_where_a_setting_asks_and_has_no
         visit(name, [])
 
 
-# -- on a GPU ------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_cuda_graph_run_matches_the_eager_run(mnist_root, tmp_path, precision):
-    base = SMALL + [f"data.root={mnist_root}", "data.train_samples=2000", "data.test_samples=500",
-                    f"train.mixed_precision={precision}"]
-    _ok(run_main(base + [f"output_dir={tmp_path / 'eager'}"]))
-    _ok(run_main(base + [f"output_dir={tmp_path / 'graph'}", "perf.cuda_graphs=true"]))
-    eager, graph = load_weights(tmp_path / "eager"), load_weights(tmp_path / "graph")
-    for k in eager:  # the same deterministic kernels replayed; only Adam's capturable variant rounds apart
-        assert torch.allclose(graph[k], eager[k], atol=1e-5), (k, (graph[k] - eager[k]).abs().max())
-    le, lg = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "graph")
-    assert [m["step"] for m in le] == [m["step"] for m in lg]
-    assert lg[-1]["eval/psnr_db"] == pytest.approx(le[-1]["eval/psnr_db"], abs=0.05)
-    assert any("memory/max_allocated_gib" in m for m in lg)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_padded_thin_convs_compute_what_the_plain_ones_do_on_a_gpu(precision):
@@ -300,95 +243,3 @@ def test_padded_thin_convs_compute_what_the_plain_ones_do_on_a_gpu(precision):
         assert (g_pad - g).abs().max() <= tol * g.abs().max(), (g_pad - g).abs().max()
 
 
-@pytest.mark.gpu
-def test_the_fastest_gpu_settings_train_like_the_plain_run(mnist_root, tmp_path):
-    """A compiled model with padded thin convs, replayed as a CUDA graph (the large-batch
-    setting of docs/performance.md) learns what the eager run learns, to bf16's rounding."""
-    base = SMALL + [f"data.root={mnist_root}", "data.train_samples=2000", "data.test_samples=500",
-                    "train.mixed_precision=bf16", "train.epochs=5"]
-    fast = ["perf.compile=true", "perf.pad_thin_convs=true", "perf.cuda_graphs=true", "perf.cudnn_benchmark=true"]
-    _ok(run_main(base + [f"output_dir={tmp_path / 'eager'}"]))
-    _ok(run_main(base + fast + [f"output_dir={tmp_path / 'fast'}"], timeout=600))
-    le, lf = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "fast")
-    assert [m["step"] for m in lf] == [m["step"] for m in le]
-    end_eager, end_fast = le[-1], lf[-1]
-    # Other kernels round apart over 500 steps; a graph that stopped training would sit dB below.
-    assert end_fast["eval/psnr_db"] == pytest.approx(end_eager["eval/psnr_db"], abs=0.75)
-    assert end_fast["eval/psnr_db"] > end_fast["eval/noisy_psnr_db"] + 2
-
-
-@pytest.mark.gpu
-def test_cuda_graph_run_resumes_exactly(mnist_root, tmp_path):
-    """Stopped after 60 steps and resumed (a new capture from the checkpoint's state), the
-    run ends where an uninterrupted graphed run ends."""
-    base = SMALL + [f"data.root={mnist_root}", "data.train_samples=2000", "data.test_samples=500",
-                    "perf.cuda_graphs=true", "train.epochs=2", "checkpoint.every_n_steps=60"]
-    _ok(run_main(base + [f"output_dir={tmp_path / 'whole'}"]))
-    split = tmp_path / "split"
-    stopped = run_main(base + [f"output_dir={split}"], env={"DENOISE_FAULT": "after_step:61"})
-    assert stopped.returncode != 0
-    _ok(run_main(base + [f"output_dir={split}"]))
-    whole, resumed = load_weights(tmp_path / "whole"), load_weights(split)
-    for k in whole:
-        assert torch.allclose(resumed[k], whole[k], atol=1e-6), (k, (resumed[k] - whole[k]).abs().max())
-
-
-# A fresh process trains a few steps at batch 64 (one thread) and prints the page faults of
-# its last ones; argv[1] says whether it first calls keep_freed_host_memory. The least of
-# three windows: once in four CI runs a one-off burst (1,568 faults in one window of 10
-# steps) pushed a single window over the bound; an unkept process faults in every window.
-_FAULTS_PER_STEP = """
-import resource, sys
-import torch
-from train.speed.host_memory import keep_freed_host_memory
-from train.model import ConvDenoiser
-kept = sys.argv[1] == "keep" and keep_freed_host_memory()
-model = ConvDenoiser().to(memory_format=torch.channels_last)
-optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-x = torch.rand(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-def step():
-    optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.mse_loss(model(x), x).backward()
-    optimizer.step()
-for _ in range(3):
-    step()
-windows = []  # faults per step over 3 windows of 10 steps; the quietest one is printed
-for _ in range(3):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        step()
-    windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
-print(kept, min(windows))
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's malloc")
-def test_reused_host_memory_takes_the_page_faults_out_of_a_step():
-    """Without the setting each step faults its activations' pages in afresh (thousands per
-    step at batch 64); with it, the pages of the step before are reused."""
-    per_step = {}
-    for mode in ("default", "keep"):
-        result = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, mode], cwd=REPO, capture_output=True,
-                                text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[-2000:]
-        kept, faults = result.stdout.split()
-        assert kept == str(mode == "keep")
-        per_step[mode] = float(faults)
-    assert per_step["default"] > 1000, per_step  # the problem is there to be solved
-    assert per_step["keep"] < 20, per_step
-
-
-def test_the_job_keeps_freed_host_memory_unless_told_not_to(tiny_mnist, tmp_path):
-    """main.py makes the call once per process when perf.reuse_host_memory is on (off by
-    default), and says so where the C library cannot take it."""
-    # run_main puts main.py's path first, so the job's own arguments start at argv[2].
-    patched = ("import sys, train.speed.host_memory as h; calls = []; "
-               "h.keep_freed_host_memory = lambda: calls.append(1) or False; "
-               "from train.main import main; code = main(sys.argv[2:]); print('calls', len(calls)); sys.exit(code)")
-    base = SMALL + [f"data.root={tiny_mnist}", "train.max_steps=2"]
-    for setting, calls in ((["perf.reuse_host_memory=true"], 1), ([], 0)):
-        result = run_main(base + setting + [f"output_dir={tmp_path / str(calls)}"],
-                          launcher=[sys.executable, "-c", patched])
-        _ok(result)
-        assert f"calls {calls}" in result.stdout
-        assert ("perf.reuse_host_memory had no effect" in result.stdout + result.stderr) == bool(calls)
