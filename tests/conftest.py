@@ -151,12 +151,15 @@ def run_main(args: list[str], launcher: list[str] | None = None, env: dict[str, 
     `script`: a probe to run in its place (it calls main.py's main)."""
     full_env = {**os.environ, **ENV, **(env or {})}
     if launcher is None and _warm() is not None:
+        import shutil
+
         job = _WarmJob(script, args, full_env, cwd, new_session=False)
         try:
             stdout, stderr = job.communicate(timeout)
         except subprocess.TimeoutExpired:
             job.kill()
             raise
+        shutil.rmtree(job.files)
         return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
     cmd = (launcher or [sys.executable]) + [str(script)] + args
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -203,16 +206,16 @@ class _WarmJob:
 
         self.args = [sys.executable, str(script)] + args
         self.returncode: int | None = None
-        self._files = Path(tempfile.mkdtemp(prefix="warm-job-"))
+        self.files = Path(tempfile.mkdtemp(prefix="warm-job-"))  # its stdout, stderr and exit status
         server = _warm()
         request = {"script": str(script), "argv": args, "env": env, "cwd": str(cwd), "new_session": new_session,
-                   **{name: str(self._files / name) for name in ("stdout", "stderr", "status")}}
+                   **{name: str(self.files / name) for name in ("stdout", "stderr", "status")}}
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
         self.pid = json.loads(server.stdout.readline())["pid"]
 
     def poll(self) -> int | None:
-        status = self._files / "status"
+        status = self.files / "status"
         if self.returncode is None and status.exists():
             self.returncode = int(status.read_text())
         return self.returncode
@@ -229,7 +232,7 @@ class _WarmJob:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
-        return (self._files / "stdout").read_text(), (self._files / "stderr").read_text()
+        return (self.files / "stdout").read_text(), (self.files / "stderr").read_text()
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
