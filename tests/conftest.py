@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if (REPO / "tests" / "integration") in Path(item.fspath).parents:
+        if (REPO / "tests" / "integration") in item.path.parents:
             item.add_marker(pytest.mark.integration)
         group = next((_SHARED_RUNS[name] for name in item.fixturenames if name in _SHARED_RUNS), None)
         if group:
