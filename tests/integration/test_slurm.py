@@ -17,10 +17,6 @@ from conftest import REPO, interruptible, load_weights, read_metrics, wait_for_m
 
 pytestmark = pytest.mark.slow
 
-# 2 nodes x 2 CPU processes x batch 5 = a global batch of 20.
-TRAIN = ["--config", "configs/debug.yaml", "data.test_samples=100", "train.epochs=1",
-         "train.per_device_batch_size=5", "logging.wandb_mode=disabled", "logging.every_n_steps=10"]
-
 
 @pytest.fixture(scope="module")
 def slurm():
@@ -80,7 +76,7 @@ def test_a_two_node_job_preempted_checkpoints_requeues_and_resumes_exactly(slurm
 
 def test_user_error_is_not_requeued_and_its_exit_code_propagates(slurm, synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    proc = sbatch(tmp_path, TRAIN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.lr=-1"])
+    proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["train.lr=-1"])
     stdout, stderr = proc.communicate(timeout=180)
     job = stdout.strip().split(";")[0]
     log = log_of(tmp_path)

@@ -1,4 +1,5 @@
-"""Launched by tests/integration/test_distributed.py under `accelerate launch` with several CPU processes.
+"""Launched by tests/integration/test_distributed.py under `accelerate launch` with several CPU processes
+(or as one plain process, where only the autocast record is read).
 
 Runs the real Trainer and records, per rank, what a test cannot see from outside: when DDP's
 all-reduce runs (a counting comm hook), whether gradients and parameters agree across ranks,
