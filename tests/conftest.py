@@ -121,7 +121,7 @@ FORWARD = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
 
 def interruptible(data_root: Path, out: Path, nproc: int) -> list[str]:
     """INTERRUPTIBLE's arguments for `nproc` ranks (global batch 20) writing to `out`."""
-    return INTERRUPTIBLE + [f"data.root={data_root}", f"output_dir={out}", f"train.per_device_batch_size={20 // nproc}"]
+    return INTERRUPTIBLE + [f"data.root={data_root}", f"output_dir={out}", "train.global_batch_size=20"]
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,8 @@ class TrainerState:
     """micro-batches of `epoch` already trained on (always at an optimizer-step boundary)"""
     run_id: str = ""
     """wandb run id, so a resumed job logs into the same run"""
+    world_size: int = 0
+    """processes that wrote the checkpoint (for the log: any number may resume it); 0 = unknown"""
     compat: dict = dataclasses.field(default_factory=dict)
     """settings the saved state depends on; resuming with other values is refused"""
 
@@ -240,8 +242,8 @@ def _restoring_overrides(keys: list[str], saved: dict, num_processes: int) -> li
     for key in keys:
         value = saved.get(key)
         if key == "global_micro_batch" and isinstance(value, int):
-            if value % num_processes == 0:  # the per-device batch that keeps it on this many processes
-                fixes.append(f"train.per_device_batch_size={value // num_processes}")
+            accumulation = saved.get("train.gradient_accumulation_steps", 1)
+            fixes.append(f"train.global_batch_size={value * accumulation}")  # on any world size that divides it
         elif key == "mixed_precision":
             fixes.append(f"train.mixed_precision={value}")
         elif "." in key and isinstance(value, (int, float, str)):

@@ -160,7 +160,12 @@ class TrainConfig:
     max_steps: int = 0
     """stop after this many optimizer steps in total; 0 = run all epochs"""
     per_device_batch_size: int = 20
-    """images per process per micro-step; global batch = this x processes x accumulation"""
+    """images per process per micro-step; global batch = this x processes x accumulation
+    (unused when global_batch_size is set)"""
+    global_batch_size: int = 0
+    """> 0: images per optimizer step on any number of processes (per device: this /
+    (processes x accumulation), which must divide), so a checkpoint resumes on another
+    world size; 0 = per_device_batch_size x processes x accumulation"""
     gradient_accumulation_steps: int = 1
     """micro-steps per optimizer step"""
     lr: float = 1e-3
@@ -188,6 +193,8 @@ class TrainConfig:
         _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = no limit), got {self.max_steps}")
         _check(self.per_device_batch_size >= 1, "train.per_device_batch_size",
                f"must be >= 1, got {self.per_device_batch_size}")
+        _check(self.global_batch_size >= 0, "train.global_batch_size",
+               f"must be >= 0 (0 = from per_device_batch_size), got {self.global_batch_size}")
         _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
                f"must be >= 1, got {self.gradient_accumulation_steps}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -206,9 +213,16 @@ class TrainConfig:
 
     def plan(self, processes: int) -> "BatchPlan":
         """The run's batch sizes and peak learning rate on `processes` processes."""
-        global_batch = self.per_device_batch_size * processes * self.gradient_accumulation_steps
-        return BatchPlan(self.per_device_batch_size, processes, self.gradient_accumulation_steps,
-                         self.effective_lr(global_batch))
+        accumulation = self.gradient_accumulation_steps
+        per_device = self.per_device_batch_size
+        if self.global_batch_size:
+            per_device, left = divmod(self.global_batch_size, processes * accumulation)
+            _check(per_device >= 1 and left == 0, "train.global_batch_size",
+                   f"({self.global_batch_size}) does not split evenly over {processes} processes x {accumulation} "
+                   f"accumulation steps: make it a multiple of {processes * accumulation}, or launch a number of "
+                   f"processes that divides it")
+        return BatchPlan(per_device, processes, accumulation,
+                         self.effective_lr(per_device * processes * accumulation))
 
     def effective_lr(self, global_batch: int) -> float:
         """The learning rate for `global_batch` images per optimizer step, by lr_scaling."""

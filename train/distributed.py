@@ -86,9 +86,27 @@ def check_single_process_launch(args: list[str]) -> None:
         )
 
 
+def maybe_join_restart_group(timeout: timedelta, cuda: bool) -> None:
+    """Under torchrun's agent (torchrun, accelerate launch), form the process group on the
+    agent's store with keys of this restart's own. The agent keeps one store across the
+    restarts of --max-restarts, and a restarted group would otherwise read the previous
+    attempt's addresses and fail to connect (pytorch/pytorch#167288)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized():
+        return
+    if cuda:  # as accelerate would, before the group binds a device
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", store=torch.distributed.PrefixStore(
+        f"attempt_{attempt}", store), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout)
+
+
 def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> Accelerator:
     cuda = torch.cuda.is_available()
     effective = resolve_mixed_precision(mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda)
+    maybe_join_restart_group(timedelta(seconds=collective_timeout_s), cuda)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
     # Autocast's weight-cast cache only lives for one forward here (each weight is used
     # once), and a cache filled during CUDA graph capture would be freed under the graph.

@@ -223,7 +223,7 @@ class Trainer:
         from train.speed.cuda_graph import CapturedStep
 
         t0 = time.perf_counter()
-        shape = (self.cfg.train.per_device_batch_size, *self.train_split.images.shape[1:])
+        shape = (self.plan.per_device_batch_size, *self.train_split.images.shape[1:])
         captured = CapturedStep(self._graph_step, torch.rand(shape, device=self.accelerator.device), self.model,
                                 self.optimizer, make_epoch=functools.partial(epoch_batches, self.make_batch))
         self.tracker.info(f"captured one optimizer step as a CUDA graph in {time.perf_counter() - t0:.1f} s")

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.perf import apply_perf, check_perf, maybe_keep_freed_host_memory
-    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, ignore_stop_signals, watch_launcher
+    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, watch_launcher
     from train.tracking import build_tracker, log_start
 
     notes = maybe_keep_freed_host_memory(cfg.perf)  # before the data and the model allocate anything
@@ -100,14 +100,17 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     status.record("running", 0)
     state.run_id = state.run_id or secrets.token_hex(4)  # the wandb run id; only the main process uses it
 
-    setup = {**describe(accelerator), "global_batch": plan.global_batch, "lr": plan.peak_lr}
+    setup = {**describe(accelerator), "global_batch": plan.global_batch,
+             "per_device_batch": plan.per_device_batch_size, "lr": plan.peak_lr}
     tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
                             resume_step=state.step if resume_from is not None else None)
     tracker.write_run_files(cfg.to_dict(), setup)
     log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:
-        tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
+        tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch}; "
+                     f"written by {state.world_size or '?'} processes, now {plan.processes})")
+    state.world_size = plan.processes
 
     trainer = Trainer(cfg, plan, accelerator, model, optimizer, train_split, test_split, state, tracker, stop)
     try:
@@ -116,7 +119,6 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         status.step = p.step
         tracker.info(str(p))
         status.record("preempted", PREEMPTED_EXIT, str(p))
-        ignore_stop_signals()
         return PREEMPTED_EXIT
     finally:
         status.step = state.step
@@ -134,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(parse_args(argv), status)
     except StopRequested as e:
-        from train.preemption import PREEMPTED_EXIT, ignore_stop_signals  # torch is loaded by now
+        from train.preemption import PREEMPTED_EXIT  # torch is loaded by now
 
         status.record("preempted", PREEMPTED_EXIT, str(e))
-        ignore_stop_signals()
         if status.is_main:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         if status.is_main or error.node_local:  # the same error on every rank: print it once
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    finally:  # the outcome is recorded: a stop signal now (a launcher ending the other ranks) is moot
+        if "train.preemption" in sys.modules:  # only it installs stop handlers
+            sys.modules["train.preemption"].ignore_stop_signals()
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int
     tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {cfg.output_dir}")
     tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}")
     tc = cfg.train
-    tracker.info(f"global batch {setup['global_batch']} images per optimizer step, lr {setup['lr']:g} "
+    tracker.info(f"global batch {setup['global_batch']} images per optimizer step ({setup['per_device_batch']} per "
+                 f"process per micro-step), lr {setup['lr']:g} "
                  f"(train.lr_scaling={tc.lr_scaling}, train.lr_schedule={tc.lr_schedule}, {tc.warmup_steps} warm-up "
                  f"steps); perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
     for note in notes:

@@ -177,7 +177,7 @@ def test_the_readme_two_process_command_continues_a_one_process_run(synthetic_mn
     r = run_main(["--config", "configs/debug.yaml"] + small, launcher=accelerate_cpu(2))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "global_micro_batch: saved 20, now 40" in errors[0], r.stderr[-3000:]
-    assert "restore them (train.per_device_batch_size=10)" in errors[0]
+    assert "restore them (train.global_batch_size=20)" in errors[0]
     # The README's command (its overrides, then this test's small run) continues the run.
     r = _ok(run_main(two + ["--config", "configs/debug.yaml"] + small, launcher=accelerate_cpu(2)))
     assert "resuming from" in r.stdout and "step_00000010" in r.stdout and read_metrics(out)[-1]["step"] == 20

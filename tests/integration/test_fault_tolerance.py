@@ -146,7 +146,7 @@ def test_resuming_with_settings_that_change_the_meaning_is_refused(synthetic_mni
     r = run_main(base + ["train.per_device_batch_size=10", "train.seed=4"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "global_micro_batch: saved 20, now 10" in r.stderr and "train.seed: saved 0, now 4" in r.stderr
-    assert "restore them (train.per_device_batch_size=20 train.seed=0)" in r.stderr
+    assert "restore them (train.global_batch_size=20 train.seed=0)" in r.stderr
     # Nothing saved was touched, status.json included: it still records the finished run.
     # (run.lock names whoever holds the folder: the refused run did, for a moment.)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
