@@ -7,7 +7,8 @@
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/denoise.sh output_dir=/shared/runs/big
 # Settings: #SBATCH lines below (or sbatch flags), and these environment variables:
 #   OUTPUT_DIR (or an output_dir=... argument), MIXED_PRECISION, NGPU, NPROC_CPU,
-#   MASTER_PORT, MAX_REQUEUES (default 5), PYTHON.
+#   MASTER_PORT, MAX_REQUEUES (default 5: preemptions and time limits),
+#   MAX_NODE_REQUEUES (default 2: bad nodes, each requeue without the node), PYTHON.
 #SBATCH --job-name=denoise
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -31,6 +32,11 @@ REPO=${DENOISE_REPO:-$(pwd)}
 [ -x "$REPO/launch/single_node.sh" ] || { echo "[slurm] error: $REPO/launch/single_node.sh not found: submit from the repository root or set DENOISE_REPO" >&2; exit 2; }
 
 PREEMPTED_EXIT=75
+if [ -n "${DENOISE_SWEEP:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # a task of slurm/sweep.sh
+    task=$(PYTHONPATH="$REPO" "${PYTHON:-python}" -m train.sweep args "$DENOISE_SWEEP" "$SLURM_ARRAY_TASK_ID" "$@") || exit 2
+    mapfile -t args <<< "$task"
+    set -- "${args[@]}"  # the sweep's config and overrides, this task's point, then output_dir
+fi
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/${SLURM_JOB_NAME:-denoise}}
 for arg in "$@"; do
     case "$arg" in output_dir=*) OUTPUT_DIR=${arg#output_dir=} ;; esac
@@ -44,12 +50,21 @@ MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$FIRST_NODE" | grep -o 'NodeAdd
 MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
 MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}  # per job: jobs sharing a node don't collide
 export NUM_MACHINES=$NODES MASTER_ADDR MASTER_PORT
-# Training records this job's outcome here (the launcher's exit status cannot tell "preempted"),
-# from the first line on, config errors included; OUTPUT_DIR/status.json keeps the run's own
-# record, which a job refused at start-up must not touch.
-export DENOISE_STATUS_FILE=$OUTPUT_DIR/.status-job$SLURM_JOB_ID.json
-mkdir -p "$OUTPUT_DIR"
-rm -f "$DENOISE_STATUS_FILE"
+# Each rank records this job's outcome in a file of its own (the launcher's exit status cannot
+# tell "preempted"), from the first line on, config errors included, so a rank that died without
+# a word shows; OUTPUT_DIR/status.json keeps the run's own record, which a job refused at
+# start-up must not touch.
+JOB_DIR=$OUTPUT_DIR/.job-$SLURM_JOB_ID
+export DENOISE_STATUS_FILE="$JOB_DIR/rank-{rank}.json"
+rm -rf "$JOB_DIR"
+mkdir -p "$JOB_DIR"
+# Requeue this array task alone, or this job; count requeues by cause (the job id stays).
+REQUEUE_ID=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+REQUEUE_ID=${REQUEUE_ID:-$SLURM_JOB_ID}
+REQUEUES=$OUTPUT_DIR/.requeues-$SLURM_JOB_ID
+[ "$RESTARTS" -gt 0 ] || rm -f "$REQUEUES"
+requeued() { local n; n=$(grep -cx "$1" "$REQUEUES" 2>/dev/null); echo "${n:-0}"; }
+MAX_NODE_REQUEUES=${MAX_NODE_REQUEUES:-2}
 
 echo "[slurm] job $SLURM_JOB_ID run $((RESTARTS + 1)) on $NODES node(s) ($SLURM_JOB_NODELIST)," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
@@ -66,26 +81,47 @@ while true; do
     kill -0 "$step" 2>/dev/null || break  # wait returned because of a trapped signal: wait again
 done
 
-read -r outcome code < <("${PYTHON:-python}" -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["outcome"], s["exit_code"])' \
-    "$DENOISE_STATUS_FILE" 2>/dev/null || echo missing 1)
-rm -f "$DENOISE_STATUS_FILE"
+# Every rank has ended: read their records together (a stale "running" in status.json becomes
+# "failed"; a node whose ranks died without a word is named there).
+read -r outcome code nodes < <(PYTHONPATH="$REPO" "${PYTHON:-python}" -m train.status --job "$JOB_DIR" "$OUTPUT_DIR" \
+    2>/dev/null || echo missing 1 -)
+rm -rf "$JOB_DIR"
 echo "[slurm] training ended: $outcome (srun status $rc)"
 case "$outcome" in
     completed)
         exit 0 ;;
     preempted)
-        if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
-            echo "[slurm] not requeued: already requeued $RESTARTS times (MAX_REQUEUES=$MAX_REQUEUES)"
+        if [ "$(requeued preempted)" -ge "$MAX_REQUEUES" ]; then
+            echo "[slurm] not requeued: already requeued $MAX_REQUEUES times after a preemption (MAX_REQUEUES)"
             exit "$PREEMPTED_EXIT"
         fi
-        echo "[slurm] requeueing job $SLURM_JOB_ID to resume from its checkpoint"
-        scontrol requeue "$SLURM_JOB_ID"
+        echo preempted >> "$REQUEUES"
+        echo "[slurm] requeueing job $REQUEUE_ID to resume from its checkpoint"
+        scontrol requeue "$REQUEUE_ID"
         exit 0 ;;
+    node_failure)
+        if [ "$(requeued node_failure)" -ge "$MAX_NODE_REQUEUES" ]; then
+            echo "[slurm] not requeued: ranks on $nodes died, and $MAX_NODE_REQUEUES bad nodes were already left out (MAX_NODE_REQUEUES)"
+            exit 1
+        fi
+        echo node_failure >> "$REQUEUES"
+        excluded=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
+        excluded=$( [ "$excluded" = "(null)" ] || [ -z "$excluded" ] && echo "$nodes" || echo "$excluded,$nodes")
+        echo "[slurm] ranks on $nodes died without recording an outcome: requeueing job $REQUEUE_ID without $excluded"
+        # A job cannot change its own node list while it runs: it waits in the queue, held, until
+        # a small job of ours (on any node) has set the list and released it.
+        if sbatch --job-name=denoise-exclude --nodes=1 --ntasks=1 --time=5 --output=/dev/null \
+                ${SLURM_JOB_PARTITION:+--partition="$SLURM_JOB_PARTITION"} ${SLURM_JOB_ACCOUNT:+--account="$SLURM_JOB_ACCOUNT"} \
+                "$REPO/slurm/release_without.sh" "$REQUEUE_ID" "$excluded"; then
+            scontrol requeuehold "$REQUEUE_ID"
+        else
+            echo "[slurm] could not submit the job that leaves $excluded out: requeueing as it is"
+            scontrol requeue "$REQUEUE_ID"
+        fi
+        exit 1 ;;
     failed)
         exit "$code" ;;
-    *)  # no status, or still "running": killed (OOM, node failure) - not requeued
+    *)  # no rank recorded anything: the whole job was killed (scancel, OOM of every rank) - not requeued
         echo "[slurm] training ended without recording an outcome: not requeued"
-        # Every rank has ended, so a "running" in the run's status.json is stale: record "failed".
-        PYTHONPATH="$REPO" "${PYTHON:-python}" -m train.status "$OUTPUT_DIR" >/dev/null 2>&1
         exit $(( rc == 0 ? 1 : rc )) ;;
 esac

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# A throw-away two-node SLURM cluster on this one machine, for the tests (not for production).
+# A throw-away three-node SLURM cluster on this one machine, for the tests (not for production):
+# two-node jobs, with a spare node to take over from a bad one.
 #   bash slurm/test_cluster.sh install   # Debian packages (root; about 15 s)
 #   bash slurm/test_cluster.sh start     # prints the state folder; export its env file
 #   bash slurm/test_cluster.sh stop      # cancels jobs, stops the daemons by their PIDs
-# Both nodes (node1, node2) run on this host at 127.0.0.1 on their own ports. Everything the
+# The nodes (node1, node2, node3) run on this host at 127.0.0.1 on their own ports. Everything the
 # cluster writes lives under $SLURM_TEST_DIR (default /tmp/denoise-slurm).
 set -euo pipefail
 
 DIR=${SLURM_TEST_DIR:-/tmp/denoise-slurm}
 CONF=$DIR/slurm.conf
-NODES=(node1 node2)
+NODES=(node1 node2 node3)
 CPUS_PER_NODE=${CPUS_PER_NODE:-8}  # declared, not enforced: lets the default #SBATCH lines fit
 
 install() {
@@ -30,7 +31,7 @@ install() {
 write_conf() {
     local host; host=$(hostname -s)
     getent hosts "$host" >/dev/null || echo "127.0.0.1 $host" >> /etc/hosts
-    mkdir -p "$DIR"/{state,log,pid} "$DIR"/spool/node1 "$DIR"/spool/node2
+    mkdir -p "$DIR"/{state,log,pid} "${NODES[@]/#/$DIR/spool/}"
     cat > "$CONF" <<EOF
 ClusterName=denoise-test
 SlurmctldHost=$host(127.0.0.1)
@@ -58,9 +59,10 @@ ReturnToService=2
 EnforcePartLimits=ALL
 MinJobAge=5
 SchedulerParameters=sched_interval=2,bf_interval=1
-NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$CPUS_PER_NODE State=UNKNOWN
-NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$CPUS_PER_NODE State=UNKNOWN
-PartitionName=test Nodes=node1,node2 Default=YES MaxTime=UNLIMITED State=UP
+$(for i in "${!NODES[@]}"; do
+    echo "NodeName=${NODES[$i]} NodeHostname=$host NodeAddr=127.0.0.1 Port=$((17001 + i)) CPUs=$CPUS_PER_NODE State=UNKNOWN"
+done)
+PartitionName=test Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=UNLIMITED State=UP
 EOF
     echo "export SLURM_CONF=$CONF" > "$DIR/env"
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import typing
@@ -347,6 +348,7 @@ class CheckpointConfig:
 
 
 WANDB_MODES = ("online", "offline", "disabled")
+TRACKERS = ("tensorboard",)  # accelerate's trackers the job can feed, besides wandb
 
 
 @dataclass
@@ -357,10 +359,17 @@ class LoggingConfig:
     """wandb project name"""
     every_n_steps: int = 100
     """log train/loss and train/images_per_s every N optimizer steps"""
+    trackers: list[str] = field(default_factory=list)
+    """more trackers fed the same metrics through accelerate's tracker API: [tensorboard]
+    (OUTPUT_DIR/tensorboard/, needs the tensorboard package); metrics.jsonl stays the record"""
 
     def __post_init__(self) -> None:
         _check(self.wandb_mode in WANDB_MODES, "logging.wandb_mode",
                f"must be one of {WANDB_MODES}, got '{self.wandb_mode}'")
+        for name in self.trackers:
+            _check(name in TRACKERS, "logging.trackers", f"has '{name}': the trackers are {TRACKERS}")
+            _check(importlib.util.find_spec(name) is not None, "logging.trackers",
+                   f"has '{name}' but its package is not installed: pip install {name} (or drop it)")
         _check(self.every_n_steps >= 1, "logging.every_n_steps", f"must be >= 1, got {self.every_n_steps}")
 
 
@@ -399,6 +408,10 @@ def _coerce(value: Any, expected: type, key: str) -> Any:
             if not math.isfinite(number):
                 raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
             return number
+    if typing.get_origin(expected) is list:  # a list of one scalar type, e.g. list[str]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, e.g. [a, b], got {value!r}")
+        return [_coerce(v, typing.get_args(expected)[0], key) for v in value]
     # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value

@@ -37,6 +37,23 @@ class StopRequested(BaseException):
                          f"run the same command to start again")
 
 
+# What gloo and NCCL say when the other end of a collective died or stopped answering.
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "timed out", "timeout",
+              "communicator was aborted", "connection refused")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """The one-line report of a collective that failed because another rank died or hung, else None."""
+    names = {cls.__name__ for cls in type(e).__mro__}  # torch.distributed's errors, without importing torch
+    text = str(e).lower()
+    if not ("DistError" in names or (isinstance(e, RuntimeError) and ("gloo" in text or "nccl" in text)
+                                     and any(p in text for p in _PEER_GONE))):
+        return None
+    return (f"lost contact with another rank ({brief(e)}): a process or its node died or hung; the checkpoints are "
+            f"intact: run the same command to resume from the last one (slurm/denoise.sh requeues the job "
+            f"without the node whose ranks died)")
+
+
 def disk_full(e: BaseException, output_dir: Path | None) -> UserError | None:
     """The one-line error for a write that failed on a full disk (or quota), else None.
 

@@ -32,7 +32,7 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from train.errors import StopRequested, UserError, brief, disk_full  # noqa: E402
+from train.errors import StopRequested, UserError, brief, disk_full, lost_peer  # noqa: E402
 from train.status import RunStatus  # noqa: E402
 
 
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
              "per_device_batch": plan.per_device_batch_size, "lr": plan.peak_lr}
     tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
-                            resume_step=state.step if resume_from is not None else None)
+                            resume_step=state.step if resume_from is not None else None,
+                            trackers=cfg.logging.trackers)
     tracker.write_run_files(cfg.to_dict(), setup)
     log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:
@@ -143,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except BaseException as e:
+        peer = lost_peer(e)
+        if peer is not None:  # not this rank's fault: one line per node, no traceback
+            status.record("failed", 1, peer)
+            if debug:
+                raise
+            if status.is_main or os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {peer}", file=sys.stderr, flush=True)
+            return 1
         error = e if isinstance(e, UserError) else disk_full(e, status.output_dir)
         if error is None:  # a bug or a crash: keep the traceback, but record the outcome
             status.record("failed", 1, brief(e))

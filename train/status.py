@@ -9,6 +9,12 @@ run as running.
 A status that says `running` while no process holds the folder's run lock belongs to a run
 that was killed (SIGKILL, out of memory, a lost node); the reader above, the next run in the
 folder and slurm/denoise.sh all record it as `failed`. Light on imports: no torch here.
+
+Every record names the node that wrote it. A job script gives each rank a record of its own
+(DENOISE_STATUS_FILE with `{rank}` in it) and reads them together when the job ends:
+
+    python -m train.status --job JOB_DIR OUTPUT_DIR  # "OUTCOME EXIT_CODE NODES": NODES (comma-
+        # separated, or -) are those whose ranks died without recording anything
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -27,12 +34,21 @@ STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out o
              "its checkpoints are intact: run the same command to resume from the last one")
 
 
-def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "") -> None:
+NODE_FAILURE = "node_failure"  # a job outcome (never a run's): ranks died without a word while others recorded
+
+
+def node_name() -> str:
+    """This node as the scheduler knows it (SLURM's name, which --exclude takes), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "",
+                 node: str | None = None) -> None:
     """Atomically (a temporary file renamed over it) where the disk has room; on a full disk,
     in place over the previous record: a record is under 1 KiB, so it fits in the disk block
-    the file already holds."""
+    the file already holds. `node`: the node the record is about (default: this one)."""
     record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message[:600],
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "node": node or node_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     data = (json.dumps(record) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -72,16 +88,19 @@ class RunStatus:
     """Records the outcome of this process's run.
 
     - $DENOISE_STATUS_FILE (set by slurm/denoise.sh), from the start, so even a config error
-      is recorded where the script looks;
+      is recorded where the script looks; with `{rank}` in it, each rank records there all
+      that happens to it, so a job can tell which ranks died without a word (`job_outcome`);
     - OUTPUT_DIR/status.json only once the run is accepted (it holds the folder and its
       checkpoint is compatible): a run refused at start-up leaves the last run's record.
-    Only the global main process records, except `failed`, which any rank may record: the
-    launcher may kill rank 0 before it can."""
+    Into a shared file only the global main process records, except `failed`, which any rank
+    may record: the launcher may kill rank 0 before it can."""
 
     def __init__(self) -> None:
-        from_env = os.environ.get("DENOISE_STATUS_FILE")
-        self.paths = [Path(from_env)] if from_env else []
-        self.is_main = os.environ.get("RANK", "0") == "0"
+        from_env = os.environ.get("DENOISE_STATUS_FILE", "")
+        rank = os.environ.get("RANK", "0")
+        self.own = Path(from_env.replace("{rank}", rank)) if "{rank}" in from_env else None
+        self.paths = [Path(from_env)] if from_env and self.own is None else []
+        self.is_main = rank == "0"
         self.step: int | None = None
         self.output_dir: Path | None = None  # known once the config is read
 
@@ -92,19 +111,58 @@ class RunStatus:
             self.paths.append(path)
 
     def record(self, outcome: str, exit_code: int, message: str = "") -> None:
-        if not (self.is_main or outcome == "failed"):
-            return
-        for path in self.paths:
+        shared = self.paths if self.is_main or outcome == "failed" else []
+        for path in shared + ([self.own] if self.own is not None else []):
             try:
                 write_status(path, outcome, exit_code, self.step, message)
             except OSError as e:  # never let the record of a failure hide the failure itself
                 print(f"warning: could not record '{outcome}' in {path} ({e.strerror})", file=sys.stderr, flush=True)
 
 
+def job_outcome(records: list[dict | None]) -> tuple[str, int, list[str]]:
+    """One job's (outcome, exit_code, bad nodes) from the records of its ranks (None: a rank
+    that recorded nothing, or a torn record). A rank still `running` after its job ended died
+    without a word (SIGKILL, a hardware fault, a hang the launcher killed): when other ranks
+    lived to record their outcome, its node is to blame (NODE_FAILURE). A mistake to fix wins
+    over everything; when no rank recorded an outcome, nobody can be blamed ("missing")."""
+    ended = [r for r in records if r is not None and r["outcome"] != "running"]
+    silent = sorted({r.get("node", "?") for r in records if r is not None and r["outcome"] == "running"})
+    if any(r["outcome"] == "failed" and r["exit_code"] == 2 for r in ended):
+        return "failed", 2, []
+    if not ended:
+        return "missing", 1, []
+    if silent:
+        return NODE_FAILURE, 1, silent
+    for outcome in ("failed", "preempted", "completed"):
+        first = next((r for r in ended if r["outcome"] == outcome), None)
+        if first is not None:
+            return outcome, first["exit_code"], []
+    return "missing", 1, []
+
+
+def settle_job(job_dir: Path, output_dir: Path) -> tuple[str, int, str]:
+    """The outcome of the job whose ranks recorded into job_dir/*.json, as (outcome, exit
+    code, bad nodes or "-"). The run's status.json gets what only the job can tell: the nodes
+    to blame for a NODE_FAILURE, and `failed` for a stale `running`."""
+    outcome, code, nodes = job_outcome([read_status(p) for p in sorted(job_dir.glob("*.json"))])
+    if outcome == NODE_FAILURE:
+        previous = read_status(output_dir / STATUS_FILE) or {}
+        write_status(output_dir / STATUS_FILE, "failed", 1, previous.get("step"),
+                     f"ranks on {', '.join(nodes)} died without recording an outcome (killed, a hardware fault or "
+                     f"a hang); the checkpoints are intact: run the job again without that node to resume",
+                     node=",".join(nodes))
+    elif outcome == "missing":
+        settle(output_dir)
+    return outcome, code, ",".join(nodes) or "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "--job":
+        print(*settle_job(Path(args[1]), Path(args[2])))
+        return 0
     if len(args) != 1:
-        print("error: usage is python -m train.status OUTPUT_DIR", file=sys.stderr)
+        print("error: usage is python -m train.status OUTPUT_DIR (or --job JOB_DIR OUTPUT_DIR)", file=sys.stderr)
         return 2
     status = settle(Path(args[0]))
     if status is None:

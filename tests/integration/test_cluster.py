@@ -129,3 +129,65 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_from_its_checkpoi
     assert int(resumed.split("step_")[1][:8]) >= 20  # from the newest checkpoint, not from the start
     assert json.loads((out / "status.json").read_text())["outcome"] == "completed"
     _assert_same_run(out, one_process)  # gap-free metrics, the same losses, the same end
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of an offline run's .wandb file, parsed with wandb's own protobuf schema. The
+    file is a LevelDB-style log (a 7-byte header, then 32 KiB blocks of chunks, each with a
+    7-byte header: CRC, length, type); wandb 0.31 has no Python reader of its own for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1), "not a .wandb file"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL, FIRST | MIDDLE, LAST
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+@pytest.mark.slow
+def test_a_requeued_runs_wandb_segments_are_rebuilt_as_one_run(synthetic_mnist, tmp_path):
+    out = tmp_path / "run"
+    args = ELASTIC + [f"data.root={synthetic_mnist}", f"output_dir={out}", "logging.wandb_mode=offline"]
+    _ok(run_main(args + ["train.max_steps=40"]))  # stopped, then requeued twice: three segments
+    _ok(run_main(args + ["train.max_steps=70"]))
+    _ok(run_main(args))
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 3
+    r = subprocess.run([sys.executable, "-m", "train.wandb_rebuild", str(out)], cwd=REPO, capture_output=True,
+                       text=True, env={**os.environ, **ENV})
+    assert r.returncode == 0 and "wandb sync " in r.stdout, r.stdout + r.stderr
+    [folder] = (out / "wandb-rebuilt" / "wandb").glob("offline-run-*")
+    records = read_wandb_records(next(folder.glob("run-*.wandb")))
+    [run] = [rec.run for rec in records if rec.WhichOneof("record_type") == "run"]
+    state = json.loads(sorted((out / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text())
+    assert run.run_id == state["run_id"]  # the id the three segments share
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["train"]["global_batch_size"] == 12 and config["setup"]["world_size"] == 1
+    logged: dict[int, dict] = {}
+    for rec in records:
+        if rec.WhichOneof("record_type") == "history":
+            values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            logged.setdefault(rec.history.step.num, {}).update(values)
+    expected: dict[int, dict] = {}
+    for m in read_metrics(out):
+        expected.setdefault(m["step"], {}).update({k: v for k, v in m.items() if k != "step"})
+    assert sorted(logged) == sorted(expected) == list(range(5, 101, 5))
+    assert all("eval/psnr_db" in logged[step] for step in (40, 50, 70, 100))  # each segment's end, each epoch's
+    for step, values in expected.items():
+        for key, value in values.items():
+            assert logged[step][key] == pytest.approx(value), (step, key)

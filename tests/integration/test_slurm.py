@@ -1,5 +1,6 @@
-"""`sbatch slurm/denoise.sh` on a real two-node SLURM cluster (slurm/test_cluster.sh; .ci/run
-starts it and exports SLURM_CONF). Skipped without one, unless DENOISE_REQUIRE_SLURM=1."""
+"""`sbatch slurm/denoise.sh`, slurm/sweep.sh and slurm/drill.py on a real SLURM cluster of three
+nodes (slurm/test_cluster.sh; .ci/run starts it and exports SLURM_CONF). Skipped without one,
+unless DENOISE_REQUIRE_SLURM=1."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from conftest import REPO, interruptible, load_weights, read_metrics, wait_for_metrics
+from conftest import INTERRUPTIBLE, REPO, interruptible, load_weights, read_metrics, wait_for_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +34,10 @@ def slurm():
     return os.environ["SLURM_CONF"]
 
 
-def sbatch(tmp_path: Path, args: list[str], per_node: int = 2) -> subprocess.Popen:
-    cmd = ["sbatch", "--parsable", "--wait", "--nodes=2", f"--output={tmp_path}/slurm-%j.out"]
-    env = {**os.environ, "NPROC_CPU": str(per_node), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+def sbatch(tmp_path: Path, args: list[str], per_node: int = 2, nodes: str = "2",
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = ["sbatch", "--parsable", "--wait", f"--nodes={nodes}", f"--output={tmp_path}/slurm-%j.out"]
+    env = {**os.environ, "NPROC_CPU": str(per_node), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.Popen(cmd + [str(REPO / "slurm" / "denoise.sh")] + args, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -85,3 +91,105 @@ def test_user_error_is_not_requeued_and_its_exit_code_propagates(slurm, syntheti
     assert job_field(job, "Restarts") == "0"
     # The job's own record told the script "failed, 2"; a run refused at start-up writes no status.json.
     assert "training ended: failed" in log and not (out / "status.json").exists()
+
+
+def _pids_on(node: str, out: Path) -> list[int]:
+    """The training processes of the run in `out` on SLURM node `node`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"train/main.py" in cmdline and f"output_dir={out}".encode() in cmdline and \
+                f"SLURMD_NODENAME={node}".encode() in env and any(v.startswith(b"RANK=") for v in env):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_node_whose_ranks_die_is_left_out_and_the_job_resumes_on_the_others(slurm, synthetic_mnist, uninterrupted,
+                                                                              tmp_path):
+    out = tmp_path / "run"
+    proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["checkpoint.every_n_steps=20"])
+    wait_for_metrics(out, proc, lines=3, log=lambda: log_of(tmp_path))
+    job = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "denoise"], capture_output=True, text=True).stdout.split()[0]
+    assert job_field(job, "NodeList") == "node[1-2]" and (out / "checkpoints").is_dir()
+    victims = _pids_on("node2", out)
+    assert len(victims) == 2, victims
+    for pid in victims:  # node2's ranks die without a word (a GPU falls off the bus, the OOM killer)
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    log = log_of(tmp_path)
+    assert proc.returncode == 0, log + stderr
+    assert "training ended: node_failure" in log and f"requeueing job {job} without node2" in log, log
+    assert "error: lost contact with another rank" in log, log
+    assert job_field(job, "ExcNodeList") == "node2" and job_field(job, "JobState") == "COMPLETED"
+    assert "run 2 on 2 node(s) (node[1,3])" in log, log
+    assert re.search(r"resuming from \S+/step_000000[24]0 ", log), log  # not from the start
+    assert json.loads((out / "status.json").read_text())["outcome"] == "completed"
+    steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
+    assert steps == list(range(10, 101, 10))  # gap-free
+    a, b = load_weights(out), uninterrupted(4)  # the same 4 ranks: bit-identical to a run without the fault
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sweep_runs_as_a_job_array_whose_preempted_task_requeues_alone(slurm, synthetic_mnist, tmp_path):
+    root = tmp_path / "sweep"
+    sweep = tmp_path / "lr.yaml"
+    sweep.write_text(json.dumps({  # JSON is YAML
+        "name": "lr", "config": "configs/debug.yaml", "output_root": str(root),
+        "overrides": INTERRUPTIBLE[2:] + ["checkpoint.every_n_steps=20"], "grid": {"train.lr": [0.001, 0.002, 0.003]}}))
+    env = {**os.environ, "NPROC_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+           "SBATCH_FLAGS": f"--wait --nodes=1 --output={tmp_path}/%x-%A_%a.out"}
+    proc = subprocess.Popen(["bash", "slurm/sweep.sh", str(sweep), f"data.root={synthetic_mnist}"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = lambda: "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))  # noqa: E731
+    deadline = time.time() + 120
+    while not list(root.glob("task-001-*/metrics.jsonl")):
+        assert time.time() < deadline and proc.poll() is None, logs()
+        time.sleep(0.5)
+    task1 = next(root.glob("task-001-*"))
+    wait_for_metrics(task1, proc, lines=2, log=logs)
+    array = subprocess.run(["squeue", "-h", "-o", "%F", "-n", "sweep-lr"], capture_output=True,
+                           text=True).stdout.split()[0]
+    subprocess.run(["scancel", "--signal=USR1", f"{array}_1"], check=True)  # task 1's time is up
+    stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, logs() + stderr
+    task_logs = {k: (tmp_path / f"sweep-lr-{array}_{k}.out").read_text() for k in range(3)}
+    assert f"requeueing job {array}_1 " in task_logs[1] and "run 2 on 1 node(s)" in task_logs[1], task_logs[1]
+    for k in (0, 2):  # the others ran once, untouched
+        assert "requeueing" not in task_logs[k] and "run 2 " not in task_logs[k], task_logs[k]
+    dirs = sorted(root.glob("task-*"))
+    assert [d.name[:8] for d in dirs] == ["task-000", "task-001", "task-002"]
+    run_ids = set()
+    for k, d in enumerate(dirs):
+        assert json.loads((d / "status.json").read_text())["outcome"] == "completed"
+        assert yaml.safe_load((d / "config.yaml").read_text())["train"]["lr"] == [0.001, 0.002, 0.003][k]
+        steps = [m["step"] for m in read_metrics(d) if "train/loss" in m]
+        # task 1 too: gap-free across its requeue (it also logged the step it stopped at)
+        assert steps == sorted(set(steps)) and set(range(10, 101, 10)) <= set(steps), (k, steps)
+        state = sorted((d / "checkpoints").glob("step_*"))[-1] / "trainer_state.json"
+        run_ids.add(json.loads(state.read_text())["run_id"])
+    assert len(run_ids) == 3  # a wandb run each
+    r = subprocess.run([sys.executable, "-m", "train.sweep", "summary", str(sweep)], cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split()[:6] == ["task", "train.lr", "outcome", "step", "best_psnr_db", "best_step"]
+    assert sorted(row.split()[0] for row in rows) == ["0", "1", "2"]
+    assert all(row.split()[2:4] == ["completed", "100"] for row in rows), r.stdout
+    psnr = [float(row.split()[4]) for row in rows]
+    assert psnr == sorted(psnr, reverse=True) and psnr[-1] > 5  # best first
+
+
+def test_the_preemption_drill_passes_on_the_test_cluster(slurm, synthetic_mnist, tmp_path):
+    r = subprocess.run([sys.executable, "slurm/drill.py", "--signals", "2", "--seed", "7", "--work-dir",
+                        str(tmp_path / "drill"), f"data.root={synthetic_mnist}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600,
+                       env={**os.environ, "NPROC_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
+    assert r.returncode == 0 and "drill: PASSED: 2 signals, 2 requeues, weights identical" in r.stdout, \
+        r.stdout + r.stderr
+    assert "warning before the time limit (#SBATCH --signal): 180 s" in r.stdout and "KillWait=" in r.stdout
+    delays = [float(d) for d in re.findall(r"checkpoint step_\d+ ([\d.]+) s later", r.stdout)]
+    assert len(delays) == 2 and max(delays) < 180, r.stdout

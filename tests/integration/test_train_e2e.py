@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, load_weights, make_tiny_mnist, read_metrics, run_main
+from conftest import REPO, accelerate_cpu, load_weights, make_tiny_mnist, read_metrics, run_main
 from train import checkpoint
 from train.config import load_config
 from train.model import ConvDenoiser
@@ -99,6 +99,25 @@ def test_wandb_offline_run_holds_config_and_metrics(synthetic_mnist, tmp_path):
     for needed in (b"per_device_batch_size", b"world_size", b"eval/psnr_db", b"eval/ssim", b"train/loss"):
         assert needed in records, needed
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png")), "sample grid logged as an image"
+
+
+def test_tensorboard_gets_the_metrics_from_the_main_process_alone(synthetic_mnist, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    _ok(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.test_samples=200",
+                          "train.epochs=1", "train.global_batch_size=20", "logging.trackers=[tensorboard]"],
+                 launcher=accelerate_cpu(2)))
+    [run_dir] = list((out / "tensorboard").iterdir())  # named by the run's id
+    [events] = list(run_dir.glob("events.out.tfevents.*"))  # one writer, rank 0 (the config table goes below)
+    reader = EventAccumulator(str(run_dir))
+    reader.Reload()
+    metrics = read_metrics(out)
+    for key in ("train/loss", "eval/psnr_db"):
+        logged = [(e.step, e.value) for e in reader.Scalars(key)]
+        expected = [(m["step"], m[key]) for m in metrics if key in m]
+        assert [s for s, _ in logged] == [s for s, _ in expected] and expected, key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), key
 
 
 def _error_line(result) -> str:

@@ -164,3 +164,24 @@ def test_the_readme_settings_table_lists_every_key_with_its_default():
     assert set(rows) == set(defaults), (set(defaults) - set(rows), set(rows) - set(defaults))
     for key, shown in rows.items():
         assert yaml.safe_load(shown) == defaults[key] or shown == str(defaults[key]), (key, shown, defaults[key])
+
+
+def test_a_global_batch_size_fixes_the_batch_on_any_world_size_that_divides_it():
+    tc = load_config(None, ["train.global_batch_size=24", "train.gradient_accumulation_steps=2",
+                            "train.lr_scaling=linear"]).train
+    for processes, per_device in ((1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)):
+        plan = tc.plan(processes)
+        assert (plan.per_device_batch_size, plan.global_batch, plan.global_micro_batch) == (per_device, 24, 12)
+        assert plan.peak_lr == pytest.approx(1e-3 * 24 / 20)  # the same schedule on every world size
+    for processes in (5, 24):  # 24 / (5 x 2) leaves a remainder; 24 / (24 x 2) is under one image
+        with pytest.raises(ConfigError, match="train.global_batch_size' \\(24\\) does not split evenly"):
+            tc.plan(processes)
+    assert load_config().train.plan(2).global_batch == 40  # unset: per device x processes, as before
+
+
+def test_list_keys_take_lists_of_their_type():
+    assert load_config(None, ["logging.trackers=[tensorboard]"]).logging.trackers == ["tensorboard"]
+    for bad, words in (("logging.trackers=tensorboard", "must be a list"), ("logging.trackers=[mlflow]", "mlflow"),
+                       ("logging.trackers=[1]", "must be str")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, [bad])

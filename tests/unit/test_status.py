@@ -1,0 +1,56 @@
+"""A job's outcome from its ranks' records (slurm/denoise.sh acts on it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train.status import NODE_FAILURE, RunStatus, job_outcome, read_status, settle_job, write_status
+
+
+def rec(outcome: str, code: int = 0, node: str = "n1") -> dict:
+    return {"outcome": outcome, "exit_code": code, "node": node}
+
+
+@pytest.mark.parametrize("records, expected", [
+    ([rec("completed"), rec("completed", node="n2")], ("completed", 0, [])),
+    ([rec("preempted", 75), rec("preempted", 75, "n2")], ("preempted", 75, [])),
+    # ranks of n2 died without a word while n1's lived to record the lost peer
+    ([rec("failed", 1), rec("running", node="n2"), rec("running", node="n2")], (NODE_FAILURE, 1, ["n2"])),
+    ([rec("failed", 1), rec("running", node="n1")], (NODE_FAILURE, 1, ["n1"])),  # one node, one rank killed
+    ([rec("failed", 2), rec("running", node="n2")], ("failed", 2, [])),  # a mistake to fix is never a bad node
+    ([rec("running"), rec("running", node="n2")], ("missing", 1, [])),  # all killed: nobody to blame
+    ([None, rec("failed", 1)], ("failed", 1, [])),  # a torn record is no evidence
+    ([], ("missing", 1, [])),
+])
+def test_job_outcome(records, expected):
+    assert job_outcome(records) == expected
+
+
+def test_settle_job_names_the_bad_node_in_the_runs_status(tmp_path, monkeypatch):
+    job, out = tmp_path / "job", tmp_path / "run"
+    monkeypatch.setenv("SLURMD_NODENAME", "node1")
+    write_status(out / "status.json", "failed", 1, 40, "lost contact with another rank")
+    write_status(job / "rank-0.json", "failed", 1, 40)
+    monkeypatch.setenv("SLURMD_NODENAME", "node2")
+    write_status(job / "rank-1.json", "running", 0, None)
+    assert settle_job(job, out) == (NODE_FAILURE, 1, "node2")
+    status = read_status(out / "status.json")
+    assert (status["outcome"], status["step"], status["node"]) == ("failed", 40, "node2")
+    assert status["message"].startswith("ranks on node2 died without recording an outcome")
+
+
+def test_each_rank_records_everything_in_its_own_file_and_only_rank_0_in_the_shared_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENOISE_STATUS_FILE", str(tmp_path / "job" / "rank-{rank}.json"))
+    monkeypatch.setenv("SLURMD_NODENAME", "node7")
+    for rank, outcome, code in (("0", "preempted", 75), ("1", "completed", 0)):
+        monkeypatch.setenv("RANK", rank)
+        status = RunStatus()
+        status.output_dir = tmp_path / "run"
+        status.accept()
+        status.record("running", 0)
+        status.record(outcome, code)
+    assert json.loads((tmp_path / "job" / "rank-1.json").read_text())["outcome"] == "completed"
+    assert read_status(tmp_path / "job" / "rank-0.json")["node"] == "node7"
+    assert read_status(tmp_path / "run" / "status.json")["outcome"] == "preempted"

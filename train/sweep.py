@@ -1,0 +1,171 @@
+"""Sweeps: a grid of config overrides run as one SLURM job array (slurm/sweep.sh), one task per
+point, each in its own output_dir, and a table of how the finished points did.
+
+A sweep file (YAML):
+
+    name: lr-batch                       # names the array job and the output folder
+    config: configs/default.yaml         # the base config (optional)
+    output_root: outputs/sweeps/lr-batch # task K writes to output_root/task-K-HASH
+    overrides: [data.root=/shared/mnist] # for every task (optional)
+    grid:                                # every combination: here 3 x 2 = 6 tasks
+      train.lr: [0.0005, 0.001, 0.002]
+      train.global_batch_size: [20, 40]
+
+HASH is a digest of the task's overrides: a task whose point changed (the grid was edited)
+gets a new folder rather than resuming another point's checkpoint.
+
+    python -m train.sweep count SWEEP.yaml [override ...]    # checks every task's config; prints N
+    python -m train.sweep args SWEEP.yaml K [override ...]   # task K's arguments for train/main.py
+    python -m train.sweep summary SWEEP.yaml                 # the tasks' outcomes and best metrics
+
+Light on imports: no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from train.config import load_config
+from train.errors import UserError
+
+SWEEP_KEYS = ("name", "config", "output_root", "overrides", "grid")
+
+
+@dataclass(frozen=True)
+class Task:
+    index: int
+    point: dict[str, object]
+    """this task's values of the grid's keys"""
+    output_dir: Path
+
+    def args(self, sweep: "Sweep", extra: list[str]) -> list[str]:
+        """train/main.py's arguments for this task; `extra` overrides come after the sweep's."""
+        config = ["--config", sweep.config] if sweep.config else []
+        points = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in self.point.items()]
+        return config + sweep.overrides + points + list(extra) + [f"output_dir={self.output_dir}"]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    config: str | None
+    output_root: Path
+    overrides: list[str]
+    grid: dict[str, list]
+
+    def tasks(self) -> list[Task]:
+        keys = list(self.grid)
+        tasks = []
+        for index, values in enumerate(itertools.product(*(self.grid[k] for k in keys))):
+            point = dict(zip(keys, values))
+            digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
+            tasks.append(Task(index, point, self.output_root / f"task-{index:03d}-{digest}"))
+        return tasks
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file; every mistake is a UserError naming the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"sweep file '{path}' cannot be read ({e.strerror}): pass an existing file") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep file '{path}' is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"sweep file '{path}' must be a mapping with the keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise UserError(f"sweep file '{path}': unknown key '{unknown[0]}'; the keys are {', '.join(SWEEP_KEYS)}")
+    grid = data.get("grid")
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"sweep file '{path}': 'grid' must map config keys to non-empty lists of values, "
+                        f"e.g. grid: {{train.lr: [0.001, 0.002]}}")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(f"sweep file '{path}': 'overrides' must be a list of section.key=value strings")
+    name = str(data.get("name") or path.stem)
+    root = data.get("output_root") or f"outputs/sweeps/{name}"
+    return Sweep(name, data.get("config"), Path(str(root)), overrides, grid)
+
+
+def check(sweep: Sweep, extra: list[str]) -> int:
+    """Load every task's config as train/main.py will (a typo fails here, before any job starts)."""
+    for task in sweep.tasks():
+        args = task.args(sweep, extra)
+        config = args[1] if args[0] == "--config" else None
+        try:
+            load_config(config, args[2:] if config else args)
+        except UserError as e:
+            raise UserError(f"sweep task {task.index} ({task.point}): {e}") from None
+    return len(sweep.tasks())
+
+
+def summary(sweep: Sweep) -> list[dict]:
+    """One row per task: its point, outcome, steps, and best and last test PSNR (dB)."""
+    from train.status import settle
+
+    rows = []
+    for task in sweep.tasks():
+        status = settle(task.output_dir) if task.output_dir.exists() else None
+        metrics = []
+        path = task.output_dir / "metrics.jsonl"
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    metrics.append(json.loads(line))
+                except ValueError:
+                    pass  # a torn last line
+        evals = [m for m in metrics if "eval/psnr_db" in m]
+        best = max(evals, key=lambda m: m["eval/psnr_db"], default=None)
+        rows.append({"task": task.index, **task.point, "outcome": status["outcome"] if status else "not started",
+                     "step": metrics[-1]["step"] if metrics else 0,
+                     "best_psnr_db": best["eval/psnr_db"] if best else None, "best_step": best["step"] if best else None,
+                     "last_psnr_db": evals[-1]["eval/psnr_db"] if evals else None, "output_dir": str(task.output_dir)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as aligned text columns, best PSNR first."""
+    rows = sorted(rows, key=lambda r: -(r["best_psnr_db"] if r["best_psnr_db"] is not None else float("-inf")))
+    columns = list(rows[0]) if rows else []
+
+    def cell(value: object) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) and not float(value).is_integer() \
+            else str(value)
+
+    table = [columns] + [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if len(args) >= 2 and args[0] == "count":
+            print(check(load_sweep(args[1]), args[2:]))
+        elif len(args) >= 3 and args[0] == "args" and args[2].isdigit():
+            sweep = load_sweep(args[1])
+            tasks = sweep.tasks()
+            if int(args[2]) >= len(tasks):
+                raise UserError(f"sweep {args[1]} has {len(tasks)} tasks (0..{len(tasks) - 1}), not task {args[2]}")
+            print("\n".join(tasks[int(args[2])].args(sweep, args[3:])))
+        elif len(args) == 2 and args[0] == "summary":
+            print(format_table(summary(load_sweep(args[1]))))
+        else:
+            raise UserError("usage is python -m train.sweep count|args|summary SWEEP.yaml [K] [override ...]")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""One wandb run for one training run, however many times it was requeued.
+
+Each requeue of an offline run writes another segment (OUTPUT_DIR/wandb/offline-run-*) under
+the same run id, and syncing the segments one by one can lose some of them (wandb#3841).
+metrics.jsonl is the gap-free record of the whole run (a resume trims it to its checkpoint),
+so this rebuilds the run from it: one offline run, the checkpoint's run id, the resolved config
+and setup, every metrics line at its step. Upload that one instead of the segments:
+
+    python -m train.wandb_rebuild OUTPUT_DIR    # writes OUTPUT_DIR/wandb-rebuilt/; prints the sync command
+    wandb sync OUTPUT_DIR/wandb-rebuilt/wandb/offline-run-*
+
+Not carried over: the sample images (the PNGs stay in OUTPUT_DIR) and system metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from train.errors import UserError
+from train.tracking import METRICS_FILE
+
+REBUILT = "wandb-rebuilt"
+
+
+def run_id_of(output_dir: Path) -> str:
+    """The wandb run id the run's newest checkpoint holds."""
+    from train.checkpoint import CHECKPOINTS, STATE_FILE
+
+    states = sorted((output_dir / CHECKPOINTS).glob(f"step_*/{STATE_FILE}"))
+    for state in reversed(states):
+        try:
+            run_id = json.loads(state.read_text()).get("run_id")
+        except (OSError, ValueError):
+            continue  # a damaged checkpoint: the one before it has the same id
+        if run_id:
+            return run_id
+    raise UserError(f"no checkpoint in {output_dir / CHECKPOINTS} holds a wandb run id: is {output_dir} a run's output_dir?")
+
+
+def rebuild(output_dir: Path) -> tuple[Path, str, int]:
+    """Write the run as one offline wandb run; returns (its folder, its id, the metrics lines logged)."""
+    metrics_path = output_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise UserError(f"{metrics_path} not found: give the output_dir of a run that has logged metrics")
+    run_id = run_id_of(output_dir)
+    config = yaml.safe_load((output_dir / "config.yaml").read_text())
+    setup_path = output_dir / "setup.json"
+    config["setup"] = json.loads(setup_path.read_text()) if setup_path.exists() else {}
+    lines = []
+    for line in metrics_path.read_text(errors="replace").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            pass  # a torn last line: the next resume drops it too
+    target = output_dir / REBUILT
+    shutil.rmtree(target, ignore_errors=True)  # ours alone: rebuilt from scratch each time
+    target.mkdir()
+
+    import wandb
+
+    run = wandb.init(project=config["logging"]["wandb_project"], dir=str(target), id=run_id, config=config,
+                     mode="offline", settings=wandb.Settings(silent=True, x_disable_stats=True))
+    for record in lines:
+        run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    run.finish()
+    [folder] = (target / "wandb").glob("offline-run-*")
+    return folder, run_id, len(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("error: usage is python -m train.wandb_rebuild OUTPUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        folder, run_id, n = rebuild(Path(args[0]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"rebuilt wandb run {run_id} from {n} metrics lines in {folder}; upload it with: wandb sync {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
