@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Train on a SLURM allocation: one task per node, each running launch/single_node.sh for that
-# node's GPUs (or CPUs). Preempted or out of time, the job checkpoints and requeues itself.
+# node's GPUs (or CPUs). Preempted or out of time, the job checkpoints and requeues itself;
+# when the ranks of a node die without a word, it requeues itself without that node. As a task
+# of slurm/sweep.sh's job array (DENOISE_SWEEP set), it trains its task's point of the sweep.
 # Submit from the repository root (SLURM runs a copy of this script, so it finds the
 # repository as the submit folder, or $DENOISE_REPO):
 #   sbatch slurm/denoise.sh --config configs/default.yaml data.root=/shared/mnist
@@ -42,6 +44,7 @@ for arg in "$@"; do
     case "$arg" in output_dir=*) OUTPUT_DIR=${arg#output_dir=} ;; esac
 done
 MAX_REQUEUES=${MAX_REQUEUES:-5}
+MAX_NODE_REQUEUES=${MAX_NODE_REQUEUES:-2}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 NODES=${SLURM_JOB_NUM_NODES:-1}
 FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -64,7 +67,6 @@ REQUEUE_ID=${REQUEUE_ID:-$SLURM_JOB_ID}
 REQUEUES=$OUTPUT_DIR/.requeues-$SLURM_JOB_ID
 [ "$RESTARTS" -gt 0 ] || rm -f "$REQUEUES"
 requeued() { local n; n=$(grep -cx "$1" "$REQUEUES" 2>/dev/null); echo "${n:-0}"; }
-MAX_NODE_REQUEUES=${MAX_NODE_REQUEUES:-2}
 
 echo "[slurm] job $SLURM_JOB_ID run $((RESTARTS + 1)) on $NODES node(s) ($SLURM_JOB_NODELIST)," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"

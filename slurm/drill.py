@@ -97,11 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     delays = []
     for k in range(args.signals):
         wait_until(lambda: trained_steps(drilled) >= 1, 300, "training", jobs["drilled"])
-        time.sleep(rng.uniform(0.2, 3.0))  # a random moment of the training
+        time.sleep(rng.uniform(0.1, 1.5))  # a random moment of the training
         sig = rng.choice(["USR1", "TERM"])
         before = checkpoints(drilled)
         job = _drilled_job(drilled)
         sent = time.time()
+        if jobs["drilled"].poll() is not None:
+            print(f"drill: the run finished before signal {k + 1} could be sent: make it longer (train.epochs=...)",
+                  file=sys.stderr)
+            return 2
         subprocess.run(["scancel", f"--signal={sig}", job], check=True)
         wait_until(lambda: checkpoints(drilled) - before, 600, f"checkpoint after SIG{sig}", jobs["drilled"])
         delays.append(time.time() - sent)

@@ -145,12 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         return PREEMPTED_EXIT
     except BaseException as e:
         peer = lost_peer(e)
-        if peer is not None:  # not this rank's fault: one line per node, no traceback
+        if peer is not None:  # not this rank's fault: one line from each survivor (any may be alone), no traceback
             status.record("failed", 1, peer)
             if debug:
                 raise
-            if status.is_main or os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"error: {peer}", file=sys.stderr, flush=True)
+            print(f"error: {peer}", file=sys.stderr, flush=True)
             return 1
         error = e if isinstance(e, UserError) else disk_full(e, status.output_dir)
         if error is None:  # a bug or a crash: keep the traceback, but record the outcome

@@ -184,7 +184,10 @@ def test_a_dead_rank_0_ends_the_job_in_bounded_time_and_its_status_is_failed(syn
                  launcher=accelerate_cpu(2), env={"DENOISE_FAULT": "after_step:15@0"}, timeout=180)
     assert r.returncode != 0 and time.time() - t0 < 90
     status = _status(out)  # written by the surviving rank: rank 0 was killed before it could
-    assert status["outcome"] == "failed", status
+    assert status["outcome"] == "failed" and status["message"].startswith("lost contact with another rank"), status
+    [line] = error_lines(r.stderr)
+    assert line.startswith("error: lost contact with another rank (") and "run the same command" in line, r.stderr
+    assert "[rank1]: Traceback" not in r.stderr  # the survivor's one line, no traceback of its own
 
 
 # -- 7. a full disk --------------------------------------------------------------------------

@@ -139,7 +139,9 @@ def test_a_sweep_runs_as_a_job_array_whose_preempted_task_requeues_alone(slurm, 
     sweep = tmp_path / "lr.yaml"
     sweep.write_text(json.dumps({  # JSON is YAML
         "name": "lr", "config": "configs/debug.yaml", "output_root": str(root),
-        "overrides": INTERRUPTIBLE[2:] + ["checkpoint.every_n_steps=20"], "grid": {"train.lr": [0.001, 0.002, 0.003]}}))
+        # 200 steps, so that the signal comes well before the end
+        "overrides": INTERRUPTIBLE[2:] + ["data.train_samples=4000", "checkpoint.every_n_steps=20"],
+        "grid": {"train.lr": [0.001, 0.002, 0.003]}}))
     env = {**os.environ, "NPROC_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
            "SBATCH_FLAGS": f"--wait --nodes=1 --output={tmp_path}/%x-%A_%a.out"}
     proc = subprocess.Popen(["bash", "slurm/sweep.sh", str(sweep), f"data.root={synthetic_mnist}"], cwd=REPO,
@@ -168,7 +170,7 @@ def test_a_sweep_runs_as_a_job_array_whose_preempted_task_requeues_alone(slurm, 
         assert yaml.safe_load((d / "config.yaml").read_text())["train"]["lr"] == [0.001, 0.002, 0.003][k]
         steps = [m["step"] for m in read_metrics(d) if "train/loss" in m]
         # task 1 too: gap-free across its requeue (it also logged the step it stopped at)
-        assert steps == sorted(set(steps)) and set(range(10, 101, 10)) <= set(steps), (k, steps)
+        assert steps == sorted(set(steps)) and set(range(10, 201, 10)) <= set(steps), (k, steps)
         state = sorted((d / "checkpoints").glob("step_*"))[-1] / "trainer_state.json"
         run_ids.add(json.loads(state.read_text())["run_id"])
     assert len(run_ids) == 3  # a wandb run each
@@ -178,14 +180,15 @@ def test_a_sweep_runs_as_a_job_array_whose_preempted_task_requeues_alone(slurm, 
     header, *rows = r.stdout.splitlines()
     assert header.split()[:6] == ["task", "train.lr", "outcome", "step", "best_psnr_db", "best_step"]
     assert sorted(row.split()[0] for row in rows) == ["0", "1", "2"]
-    assert all(row.split()[2:4] == ["completed", "100"] for row in rows), r.stdout
+    assert all(row.split()[2:4] == ["completed", "200"] for row in rows), r.stdout
     psnr = [float(row.split()[4]) for row in rows]
     assert psnr == sorted(psnr, reverse=True) and psnr[-1] > 5  # best first
 
 
 def test_the_preemption_drill_passes_on_the_test_cluster(slurm, synthetic_mnist, tmp_path):
     r = subprocess.run([sys.executable, "slurm/drill.py", "--signals", "2", "--seed", "7", "--work-dir",
-                        str(tmp_path / "drill"), f"data.root={synthetic_mnist}"], cwd=REPO, capture_output=True,
+                        str(tmp_path / "drill"), f"data.root={synthetic_mnist}", "train.epochs=3"], cwd=REPO,
+                       capture_output=True,
                        text=True, timeout=600,
                        env={**os.environ, "NPROC_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
     assert r.returncode == 0 and "drill: PASSED: 2 signals, 2 requeues, weights identical" in r.stdout, \
