@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the two jobs write (default outputs/drill-DATE)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for both jobs (data.root=...)")
     args = parser.parse_args(argv)
+    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+        print("error: no SLURM cluster answers here (sbatch, sinfo): run the drill on a login node of the cluster",
+              file=sys.stderr)
+        return 2
     seed = args.seed if args.seed is not None else random.randrange(10**6)
     rng = random.Random(seed)
     work = Path(args.work_dir).resolve()

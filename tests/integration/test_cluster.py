@@ -1,5 +1,5 @@
-"""Cluster recipes on real launchers: a run that changes world size between resumes, and
-torchrun's elastic restarts after a worker is killed."""
+"""Cluster recipes on real launchers: a run that changes world size between resumes, torchrun's
+elastic restarts after a worker or a whole node is lost, one wandb run rebuilt from a requeued run."""
 
 from __future__ import annotations
 
@@ -191,3 +191,48 @@ def test_a_requeued_runs_wandb_segments_are_rebuilt_as_one_run(synthetic_mnist, 
     for step, values in expected.items():
         for key, value in values.items():
             assert logged[step][key] == pytest.approx(value), (step, key)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_torchrun_goes_on_with_fewer_nodes_when_one_is_lost(synthetic_mnist, tmp_path, one_process):
+    out, run_id, port = tmp_path / "run", f"shrink-{os.getpid()}-{time.time_ns()}", _free_port()
+
+    def node(name: str) -> subprocess.Popen:  # one torchrun agent per "node", 2 workers each, on this host
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
+                    "--max-restarts=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    f"--rdzv-id={run_id}", "--rdzv-conf=last_call_timeout=5"]  # 5 s for the second node to join
+        return subprocess.Popen(torchrun + [str(MAIN)] + ELASTIC + [f"data.root={synthetic_mnist}", f"output_dir={out}"],
+                                cwd=REPO, env={**os.environ, **ENV}, stdout=(tmp_path / f"{name}.log").open("w"),
+                                stderr=subprocess.STDOUT)
+
+    first = node("first")  # it hosts the rendezvous, so it is the one to stay
+    time.sleep(1)
+    second = node("second")
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step_00000020").is_dir():
+            assert time.time() < deadline and first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        for pid in [second.pid] + _children(second.pid):  # the second node is lost: its agent and its workers
+            os.kill(pid, signal.SIGKILL)
+        assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-4000:]
+    finally:
+        first.kill(), second.kill()
+    log = (tmp_path / "first.log").read_text()
+    assert "world_size=4" in log and "world_size=2" in log, log[-3000:]
+    [resumed] = [line for line in log.splitlines() if "resuming from" in line]
+    assert "written by 4 processes, now 2" in resumed and int(resumed.split("step_")[1][:8]) >= 20
+    assert json.loads((out / "status.json").read_text())["outcome"] == "completed"
+    _assert_same_run(out, one_process)  # the same global batches on 4 and then 2 processes
