@@ -357,6 +357,8 @@ class LoggingConfig:
     """online | offline (sync later with `wandb sync`) | disabled; never prompts"""
     wandb_project: str = "mnist-denoise"
     """wandb project name"""
+    wandb_group: str = ""
+    """wandb group of the run (slurm/sweep.sh sets the sweep's name); empty = none"""
     every_n_steps: int = 100
     """log train/loss and train/images_per_s every N optimizer steps"""
     trackers: list[str] = field(default_factory=list)

@@ -25,7 +25,7 @@ from train.config import BatchPlan, Config
 from train.data import EpochOrder, Split
 from train.errors import UserError
 from train.preemption import Preempted, StopFlag, maybe_inject_fault
-from train.tracking import NullTracker
+from train.tracking import SAMPLES_KEY, NullTracker
 
 
 class NonFiniteLossError(UserError):
@@ -327,7 +327,7 @@ class Trainer:
             f"(noisy {result['eval/noisy_psnr_db']:.2f} dB), SSIM {result['eval/ssim']:.4f}, "
             f"MSE {result['eval/mse']:.5f}"
         )
-        self.tracker.save_image("eval/samples", self.state.step, lambda path: save_samples(
+        self.tracker.save_image(SAMPLES_KEY, self.state.step, lambda path: save_samples(
             model, self.test_split, self.sample_indices, ec.eval_spec(), ec.eval_seed, path))
         self._maybe_stop_collapsed(result)
 

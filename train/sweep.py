@@ -49,7 +49,8 @@ class Task:
         """train/main.py's arguments for this task; `extra` overrides come after the sweep's."""
         config = ["--config", sweep.config] if sweep.config else []
         points = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in self.point.items()]
-        return config + sweep.overrides + points + list(extra) + [f"output_dir={self.output_dir}"]
+        group = [f"logging.wandb_group={sweep.name}"]  # the sweep's runs together in wandb
+        return config + group + sweep.overrides + points + list(extra) + [f"output_dir={self.output_dir}"]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import yaml
 from accelerate import Accelerator
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_KEY = "eval/samples"  # the samples image's key; its PNGs go to OUTPUT_DIR/samples/
 
 
 def _step_of(line: str) -> int | None:
@@ -69,8 +70,9 @@ class Tracker(NullTracker):
             import wandb  # deferred: slow to import, and only the main process needs it
 
             # mode is passed explicitly and WANDB_SILENT keeps it from ever prompting.
-            self._wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=config, mode=wandb_mode,
-                                     id=run_id, resume="allow", settings=wandb.Settings(silent=True))
+            self._wandb = wandb.init(project=wandb_project, group=config["logging"]["wandb_group"] or None,
+                                     dir=str(output_dir), config=config, mode=wandb_mode, id=run_id, resume="allow",
+                                     settings=wandb.Settings(silent=True))
 
     def _trim_metrics(self, resume_step: int | None) -> None:
         """Keep the lines up to the checkpoint's step, atomically. A line that is not a whole

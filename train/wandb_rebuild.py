@@ -4,12 +4,12 @@ Each requeue of an offline run writes another segment (OUTPUT_DIR/wandb/offline-
 the same run id, and syncing the segments one by one can lose some of them (wandb#3841).
 metrics.jsonl is the gap-free record of the whole run (a resume trims it to its checkpoint),
 so this rebuilds the run from it: one offline run, the checkpoint's run id, the resolved config
-and setup, every metrics line at its step. Upload that one instead of the segments:
+and setup, every metrics line and samples image at its step. Upload that one instead of the segments:
 
     python -m train.wandb_rebuild OUTPUT_DIR    # writes OUTPUT_DIR/wandb-rebuilt/; prints the sync command
     wandb sync OUTPUT_DIR/wandb-rebuilt/wandb/offline-run-*
 
-Not carried over: the sample images (the PNGs stay in OUTPUT_DIR) and system metrics.
+Not carried over: system metrics (CPU, GPU and memory use over time).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from train.errors import UserError
-from train.tracking import METRICS_FILE
+from train.tracking import METRICS_FILE, SAMPLES_KEY
 
 REBUILT = "wandb-rebuilt"
 
@@ -63,10 +63,19 @@ def rebuild(output_dir: Path) -> tuple[Path, str, int]:
 
     import wandb
 
-    run = wandb.init(project=config["logging"]["wandb_project"], dir=str(target), id=run_id, config=config,
-                     mode="offline", settings=wandb.Settings(silent=True, x_disable_stats=True))
+    by_step: dict[int, dict] = {}
     for record in lines:
-        run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        by_step.setdefault(record["step"], {}).update({k: v for k, v in record.items() if k != "step"})
+    images = {int(p.stem[5:]): p for p in (output_dir / SAMPLES_KEY.rsplit("/", 1)[-1]).glob("step_*.png")
+              if p.stem[5:].isdigit() and int(p.stem[5:]) in by_step}  # those of steps the run kept
+    logging = config["logging"]
+    run = wandb.init(project=logging["wandb_project"], group=logging.get("wandb_group") or None, dir=str(target),
+                     id=run_id, config=config, mode="offline", settings=wandb.Settings(silent=True, x_disable_stats=True))
+    for step in sorted(by_step):  # wandb takes steps in order only
+        values = by_step[step]
+        if step in images:
+            values[SAMPLES_KEY] = wandb.Image(str(images[step]))
+        run.log(values, step=step)
     run.finish()
     [folder] = (target / "wandb").glob("offline-run-*")
     return folder, run_id, len(lines)

@@ -181,13 +181,17 @@ def test_a_requeued_runs_wandb_segments_are_rebuilt_as_one_run(synthetic_mnist, 
     logged: dict[int, dict] = {}
     for rec in records:
         if rec.WhichOneof("record_type") == "history":
-            values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
-            logged.setdefault(rec.history.step.num, {}).update(values)
+            for item in rec.history.item:  # a scalar: [key]; an image: [key, field] for each of its fields
+                keys = [item.key] if item.key else list(item.nested_key)
+                if len(keys) == 1 or keys[1] == "_type":
+                    logged.setdefault(rec.history.step.num, {})[keys[0]] = json.loads(item.value_json)
     expected: dict[int, dict] = {}
     for m in read_metrics(out):
         expected.setdefault(m["step"], {}).update({k: v for k, v in m.items() if k != "step"})
     assert sorted(logged) == sorted(expected) == list(range(5, 101, 5))
     assert all("eval/psnr_db" in logged[step] for step in (40, 50, 70, 100))  # each segment's end, each epoch's
+    images = {step for step, values in logged.items() if values.get("eval/samples") == "image-file"}
+    assert images == {int(p.stem[5:]) for p in (out / "samples").glob("step_*.png")} == {40, 50, 70, 100}
     for step, values in expected.items():
         for key, value in values.items():
             assert logged[step][key] == pytest.approx(value), (step, key)

@@ -25,7 +25,7 @@ def test_every_point_of_the_grid_is_a_task_with_its_own_folder(sweep_file, tmp_p
                                         for m in ("conv_denoiser", "unet")]
     assert len({t.output_dir for t in tasks}) == 4 and all(t.output_dir.parent == tmp_path / "out" for t in tasks)
     assert tasks[3].args(sweep, ["data.root=/d"]) == [
-        "--config", "configs/debug.yaml", "train.epochs=1", "train.lr=0.002", "model.name=unet", "data.root=/d",
+        "--config", "configs/debug.yaml", "logging.wandb_group=s", "train.epochs=1", "train.lr=0.002", "model.name=unet", "data.root=/d",
         f"output_dir={tasks[3].output_dir}"]
     assert check(sweep, ["data.root=/d"]) == 4
     # Editing the grid moves a point to a new folder instead of resuming another point's run.
