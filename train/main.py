@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
                                 f"run the same command to resume from the last intact checkpoint"))
     stop.install()  # from here on a stop signal ends start-up at once, or training at the next step
     watch_launcher(stop, on_give_up=lambda: status.record(
-        "failed", 1, "the launcher died and this worker could not stop cleanly in time"))
+        "failed", 1, "the launcher died and this worker could not stop cleanly in time", stuck=True))
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     check_perf(cfg.perf, cfg.train, accelerator)
     notes += checkpoint.claim_output_dir(accelerator, output_dir)

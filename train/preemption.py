@@ -136,18 +136,25 @@ class _Vote:
 
 
 def maybe_inject_fault(point: str, step: int, rank: int) -> None:
-    """SIGKILL this process at `point` of optimizer step `step` if DENOISE_FAULT asks for it.
+    """SIGKILL this process, or hang it, at `point` of optimizer step `step` if DENOISE_FAULT asks.
 
-    DENOISE_FAULT=<point>:<step>[@<rank>], point = after_step | in_save. Test-only: it
-    simulates a crash (OOM kill, node loss) at an exact place.
+    DENOISE_FAULT=[hang_]<point>:<step>[@<rank>], point = after_step | in_save. Test-only: it
+    simulates a crash (OOM kill, node loss) or a hang (stuck in native code, deaf to every
+    signal but SIGKILL) at an exact place; once per run, not again after a restart or requeue.
     """
     spec = os.environ.get("DENOISE_FAULT")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or \
+            os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
         return
     where, _, rest = spec.partition(":")
     at_step, _, at_rank = rest.partition("@")
-    if where == point and int(at_step) == step and (not at_rank or int(at_rank) == rank):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if where.removeprefix("hang_") != point or int(at_step) != step or (at_rank and int(at_rank) != rank):
+        return
+    if where.startswith("hang_"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+        while True:
+            time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _launched_by(pid: int) -> bool:

@@ -43,12 +43,13 @@ def node_name() -> str:
 
 
 def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "",
-                 node: str | None = None) -> None:
+                 node: str | None = None, stuck: bool = False) -> None:
     """Atomically (a temporary file renamed over it) where the disk has room; on a full disk,
     in place over the previous record: a record is under 1 KiB, so it fits in the disk block
-    the file already holds. `node`: the node the record is about (default: this one)."""
+    the file already holds. `node`: the node the record is about (default: this one);
+    `stuck`: the process could not stop when asked (a hang), so it ended itself."""
     record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message[:600],
-              "node": node or node_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "node": node or node_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **({"stuck": True} if stuck else {})}
     data = (json.dumps(record) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -110,11 +111,11 @@ class RunStatus:
         if path not in self.paths:
             self.paths.append(path)
 
-    def record(self, outcome: str, exit_code: int, message: str = "") -> None:
+    def record(self, outcome: str, exit_code: int, message: str = "", stuck: bool = False) -> None:
         shared = self.paths if self.is_main or outcome == "failed" else []
         for path in shared + ([self.own] if self.own is not None else []):
             try:
-                write_status(path, outcome, exit_code, self.step, message)
+                write_status(path, outcome, exit_code, self.step, message, stuck=stuck)
             except OSError as e:  # never let the record of a failure hide the failure itself
                 print(f"warning: could not record '{outcome}' in {path} ({e.strerror})", file=sys.stderr, flush=True)
 
@@ -122,11 +123,15 @@ class RunStatus:
 def job_outcome(records: list[dict | None]) -> tuple[str, int, list[str]]:
     """One job's (outcome, exit_code, bad nodes) from the records of its ranks (None: a rank
     that recorded nothing, or a torn record). A rank still `running` after its job ended died
-    without a word (SIGKILL, a hardware fault, a hang the launcher killed): when other ranks
-    lived to record their outcome, its node is to blame (NODE_FAILURE). A mistake to fix wins
-    over everything; when no rank recorded an outcome, nobody can be blamed ("missing")."""
-    ended = [r for r in records if r is not None and r["outcome"] != "running"]
-    silent = sorted({r.get("node", "?") for r in records if r is not None and r["outcome"] == "running"})
+    without a word (SIGKILL, a hardware fault, a hang the launcher killed), and a `stuck` one
+    hung until it ended itself: when other ranks lived to record their outcome, their nodes
+    are to blame (NODE_FAILURE). A mistake to fix wins over everything; when no rank recorded
+    an outcome, nobody can be blamed ("missing")."""
+    def lost(r: dict) -> bool:
+        return r["outcome"] == "running" or bool(r.get("stuck"))
+
+    ended = [r for r in records if r is not None and not lost(r)]
+    silent = sorted({r.get("node", "?") for r in records if r is not None and lost(r)})
     if any(r["outcome"] == "failed" and r["exit_code"] == 2 for r in ended):
         return "failed", 2, []
     if not ended:

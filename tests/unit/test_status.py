@@ -19,6 +19,8 @@ def rec(outcome: str, code: int = 0, node: str = "n1") -> dict:
     # ranks of n2 died without a word while n1's lived to record the lost peer
     ([rec("failed", 1), rec("running", node="n2"), rec("running", node="n2")], (NODE_FAILURE, 1, ["n2"])),
     ([rec("failed", 1), rec("running", node="n1")], (NODE_FAILURE, 1, ["n1"])),  # one node, one rank killed
+    ([rec("failed", 1), {**rec("failed", 1, "n2"), "stuck": True}], (NODE_FAILURE, 1, ["n2"])),  # n2 hung
+    ([{**rec("failed", 1), "stuck": True}, rec("running", node="n2")], ("missing", 1, [])),  # nobody lived to tell
     ([rec("failed", 2), rec("running", node="n2")], ("failed", 2, [])),  # a mistake to fix is never a bad node
     ([rec("running"), rec("running", node="n2")], ("missing", 1, [])),  # all killed: nobody to blame
     ([None, rec("failed", 1)], ("failed", 1, [])),  # a torn record is no evidence
