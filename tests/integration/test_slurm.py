@@ -21,6 +21,9 @@ import yaml
 from conftest import INTERRUPTIBLE, REPO, interruptible, load_weights, read_metrics, wait_for_metrics
 
 pytestmark = pytest.mark.slow
+# Seconds a job may wait in the queue: the tests share three nodes, and under two pytest
+# workers two of them run at once (a job can wait for the other's, ~2.5 minutes at most).
+QUEUED_S = 400
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,12 @@ def job_field(job: str, name: str) -> str:
     return re.search(rf"\b{name}=(\S+)", info).group(1)
 
 
+def job_of(tmp_path: Path) -> str:
+    """The id of the job this test submitted (from its log's name: other tests' jobs run too)."""
+    [log] = tmp_path.glob("slurm-*.out")
+    return log.name[len("slurm-"):-len(".out")]
+
+
 def log_of(tmp_path: Path) -> str:
     return "".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
 
@@ -57,11 +66,11 @@ def test_a_two_node_job_preempted_checkpoints_requeues_and_resumes_exactly(slurm
     # same bucket layout (see Trainer._settle_gradient_buckets).
     out = tmp_path / "run"
     proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4))
-    wait_for_metrics(out, proc, lines=2, log=lambda: log_of(tmp_path))
-    job = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()[0]
+    wait_for_metrics(out, proc, lines=2, log=lambda: log_of(tmp_path), timeout=QUEUED_S)
+    job = job_of(tmp_path)
     # What SLURM sends to the job steps before the time limit (--signal=USR1@180).
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = proc.communicate(timeout=QUEUED_S + 300)
     log = log_of(tmp_path)
     assert proc.returncode == 0, log + stderr
     assert "training ended: preempted" in log and f"requeueing job {job}" in log and "run 2 on 2 node(s)" in log
@@ -83,7 +92,7 @@ def test_a_two_node_job_preempted_checkpoints_requeues_and_resumes_exactly(slurm
 def test_user_error_is_not_requeued_and_its_exit_code_propagates(slurm, synthetic_mnist, tmp_path):
     out = tmp_path / "run"
     proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["train.lr=-1"])
-    stdout, stderr = proc.communicate(timeout=180)
+    stdout, stderr = proc.communicate(timeout=QUEUED_S + 180)
     job = stdout.strip().split(";")[0]
     log = log_of(tmp_path)
     assert proc.returncode == 2, log + stderr
@@ -108,15 +117,21 @@ def _pids_on(node: str, out: Path) -> list[int]:
     return pids
 
 
-def _assert_rerun_without_node2(tmp_path: Path, proc: subprocess.Popen, job: str, out: Path,
-                                weights: dict | None = None) -> str:
-    """The job ended with node2 named, ran again on nodes 1 and 3, and ended as `weights` (if given)."""
-    stdout, stderr = proc.communicate(timeout=300)
+def hostnames(nodelist: str) -> list[str]:
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def _assert_rerun_without(bad: str, tmp_path: Path, proc: subprocess.Popen, job: str, out: Path,
+                          weights: dict | None = None) -> str:
+    """The job ended with node `bad` named, ran again on two others, and ended as `weights` (if given)."""
+    stdout, stderr = proc.communicate(timeout=QUEUED_S + 400)
     log = log_of(tmp_path)
     assert proc.returncode == 0, log + stderr
-    assert "training ended: node_failure" in log and f"requeueing job {job} without node2" in log, log
-    assert job_field(job, "ExcNodeList") == "node2" and job_field(job, "JobState") == "COMPLETED"
-    assert "run 2 on 2 node(s) (node[1,3])" in log, log
+    assert "training ended: node_failure" in log and f"requeueing job {job} without {bad}" in log, log
+    assert job_field(job, "ExcNodeList") == bad and job_field(job, "JobState") == "COMPLETED"
+    rerun = re.search(r"run 2 on 2 node\(s\) \((\S+)\)", log)
+    assert rerun and bad not in hostnames(rerun.group(1)), log
     assert re.search(r"resuming from \S+/step_000000[24]0 ", log), log  # not from the start
     assert json.loads((out / "status.json").read_text())["outcome"] == "completed"
     steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
@@ -127,37 +142,36 @@ def _assert_rerun_without_node2(tmp_path: Path, proc: subprocess.Popen, job: str
     return log
 
 
-def _running_job() -> str:
-    return subprocess.run(["squeue", "-h", "-o", "%i", "-n", "denoise"], capture_output=True, text=True).stdout.split()[0]
-
-
+# Other tests' jobs run beside these, so a job's nodes are whichever SLURM gave it; the second
+# one (SLURM_NODEID 1, ranks 2-3 or rank 1) is the one that fails.
 def test_a_node_whose_ranks_die_is_left_out_and_the_job_resumes_on_the_others(slurm, synthetic_mnist, uninterrupted,
                                                                               tmp_path):
     out = tmp_path / "run"
     proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["checkpoint.every_n_steps=20"])
-    wait_for_metrics(out, proc, lines=3, log=lambda: log_of(tmp_path))
-    job = _running_job()
-    assert job_field(job, "NodeList") == "node[1-2]" and (out / "checkpoints").is_dir()
-    victims = _pids_on("node2", out)
-    assert len(victims) == 2, victims
-    for pid in victims:  # node2's ranks die without a word (a GPU falls off the bus, the OOM killer)
+    wait_for_metrics(out, proc, lines=3, log=lambda: log_of(tmp_path), timeout=QUEUED_S)
+    job = job_of(tmp_path)
+    bad = hostnames(job_field(job, "NodeList"))[1]
+    victims = _pids_on(bad, out)
+    assert len(victims) == 2 and (out / "checkpoints").is_dir(), victims
+    for pid in victims:  # that node's ranks die without a word (a GPU falls off the bus, the OOM killer)
         os.kill(pid, signal.SIGKILL)
-    log = _assert_rerun_without_node2(tmp_path, proc, job, out, uninterrupted(4))
+    log = _assert_rerun_without(bad, tmp_path, proc, job, out, uninterrupted(4))
     assert "error: lost contact with another rank" in log, log
 
 
 def test_a_node_whose_rank_hangs_is_left_out_once_the_collective_times_out(slurm, synthetic_mnist, tmp_path):
     out = tmp_path / "run"
-    # node2's rank hangs after step 30, deaf to every signal but SIGKILL (stuck in native code)
+    # rank 1 hangs after step 30, deaf to every signal but SIGKILL (stuck in native code)
     proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 2) + ["checkpoint.every_n_steps=20",
                                                                       "train.collective_timeout_s=10"],
                   per_node=1, env={"DENOISE_FAULT": "hang_after_step:30@1"})
-    wait_for_metrics(out, proc, lines=1, log=lambda: log_of(tmp_path))
-    job = _running_job()
+    wait_for_metrics(out, proc, lines=1, log=lambda: log_of(tmp_path), timeout=QUEUED_S)
+    job = job_of(tmp_path)
+    bad = hostnames(job_field(job, "NodeList"))[1]
     # (~2.5 minutes: the 10 s timeout, then the hung rank, orphaned when SLURM kills its launcher,
     # ends itself 60 s later; the test above checks that a rerun ends bit-identical)
-    log = _assert_rerun_without_node2(tmp_path, proc, job, out)
-    [line] = [line for line in log.splitlines() if line.startswith("error: lost contact")]  # node1's rank only
+    log = _assert_rerun_without(bad, tmp_path, proc, job, out)
+    [line] = [line for line in log.splitlines() if line.startswith("error: lost contact")]  # rank 0's only
     assert "timed out" in line.lower(), line
 
 
@@ -174,16 +188,16 @@ def test_a_sweep_runs_as_a_job_array_whose_preempted_task_requeues_alone(slurm, 
     proc = subprocess.Popen(["bash", "slurm/sweep.sh", str(sweep), f"data.root={synthetic_mnist}"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = lambda: "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))  # noqa: E731
-    deadline = time.time() + 120
+    deadline = time.time() + QUEUED_S
     while not list(root.glob("task-001-*/metrics.jsonl")):
         assert time.time() < deadline and proc.poll() is None, logs()
         time.sleep(0.5)
     task1 = next(root.glob("task-001-*"))
-    wait_for_metrics(task1, proc, lines=2, log=logs)
+    wait_for_metrics(task1, proc, lines=2, log=logs, timeout=QUEUED_S)
     array = subprocess.run(["squeue", "-h", "-o", "%F", "-n", "sweep-lr"], capture_output=True,
                            text=True).stdout.split()[0]
     subprocess.run(["scancel", "--signal=USR1", f"{array}_1"], check=True)  # task 1's time is up
-    stdout, stderr = proc.communicate(timeout=400)
+    stdout, stderr = proc.communicate(timeout=QUEUED_S + 400)
     assert proc.returncode == 0, logs() + stderr
     task_logs = {k: (tmp_path / f"sweep-lr-{array}_{k}.out").read_text() for k in range(3)}
     assert f"requeueing job {array}_1 " in task_logs[1] and "run 2 on 1 node(s)" in task_logs[1], task_logs[1]
@@ -216,7 +230,7 @@ def test_the_preemption_drill_passes_on_the_test_cluster(slurm, synthetic_mnist,
     r = subprocess.run([sys.executable, "slurm/drill.py", "--signals", "2", "--seed", "7", "--work-dir",
                         str(tmp_path / "drill"), f"data.root={synthetic_mnist}", "train.epochs=3"], cwd=REPO,
                        capture_output=True,
-                       text=True, timeout=600,
+                       text=True, timeout=QUEUED_S + 600,
                        env={**os.environ, "NPROC_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
     assert r.returncode == 0 and "drill: PASSED: 2 signals, 2 requeues, weights identical" in r.stdout, \
         r.stdout + r.stderr
