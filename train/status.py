@@ -49,7 +49,9 @@ def write_status(path: Path, outcome: str, exit_code: int, step: int | None = No
     the file already holds. `node`: the node the record is about (default: this one);
     `stuck`: the process could not stop when asked (a hang), so it ended itself."""
     record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message[:600],
-              "node": node or node_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **({"stuck": True} if stuck else {})}
+              "node": node or node_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if stuck:
+        record["stuck"] = True
     data = (json.dumps(record) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -138,11 +140,8 @@ def job_outcome(records: list[dict | None]) -> tuple[str, int, list[str]]:
         return "missing", 1, []
     if silent:
         return NODE_FAILURE, 1, silent
-    for outcome in ("failed", "preempted", "completed"):
-        first = next((r for r in ended if r["outcome"] == outcome), None)
-        if first is not None:
-            return outcome, first["exit_code"], []
-    return "missing", 1, []
+    first = min(ended, key=lambda r: ("failed", "preempted", "completed").index(r["outcome"]))  # the worst
+    return first["outcome"], first["exit_code"], []
 
 
 def settle_job(job_dir: Path, output_dir: Path) -> tuple[str, int, str]:

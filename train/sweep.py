@@ -45,12 +45,15 @@ class Task:
     """this task's values of the grid's keys"""
     output_dir: Path
 
-    def args(self, sweep: "Sweep", extra: list[str]) -> list[str]:
-        """train/main.py's arguments for this task; `extra` overrides come after the sweep's."""
-        config = ["--config", sweep.config] if sweep.config else []
+    def overrides(self, sweep: "Sweep", extra: list[str]) -> list[str]:
+        """This task's config overrides; `extra` ones come after the sweep's."""
         points = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in self.point.items()]
         group = [f"logging.wandb_group={sweep.name}"]  # the sweep's runs together in wandb
-        return config + group + sweep.overrides + points + list(extra) + [f"output_dir={self.output_dir}"]
+        return group + sweep.overrides + points + list(extra) + [f"output_dir={self.output_dir}"]
+
+    def args(self, sweep: "Sweep", extra: list[str]) -> list[str]:
+        """train/main.py's arguments for this task."""
+        return (["--config", sweep.config] if sweep.config else []) + self.overrides(sweep, extra)
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,8 @@ def load_sweep(path: str | Path) -> Sweep:
 def check(sweep: Sweep, extra: list[str]) -> int:
     """Load every task's config as train/main.py will (a typo fails here, before any job starts)."""
     for task in sweep.tasks():
-        args = task.args(sweep, extra)
-        config = args[1] if args[0] == "--config" else None
         try:
-            load_config(config, args[2:] if config else args)
+            load_config(sweep.config, task.overrides(sweep, extra))
         except UserError as e:
             raise UserError(f"sweep task {task.index} ({task.point}): {e}") from None
     return len(sweep.tasks())

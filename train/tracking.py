@@ -1,9 +1,9 @@
 """Everything a run shows or writes for people: console lines, progress bar, the resolved
-config and setup, metrics.jsonl, sample PNGs, wandb and accelerate's other trackers. Gated here, in one place, on the
-global main process: the other ranks get a `NullTracker` with the same methods that does
-nothing, and their Python warnings (the same as rank 0's) are not shown. The exceptions:
-checkpoints, which every rank writes, and status.json (train/status.py), where any rank may
-record a failure.
+config and setup, metrics.jsonl, sample PNGs, wandb and accelerate's other trackers. Gated
+here, in one place, on the global main process: the other ranks get a `NullTracker` with the
+same methods that does nothing, and their Python warnings (the same as rank 0's) are not
+shown. The exceptions: checkpoints, which every rank writes, and status.json
+(train/status.py), where any rank may record a failure.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Tracker(NullTracker):
     being resumed had seen, so a resumed run's metrics have no gaps and no duplicates."""
 
     def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, wandb_project: str,
-                 run_id: str, resume_step: int | None, trackers: list[str] = ()) -> None:
+                 run_id: str, resume_step: int | None, trackers: tuple[str, ...] | list[str] = ()) -> None:
         self.output_dir = output_dir
         self.metrics_path = output_dir / METRICS_FILE
         self._bar = None
@@ -170,7 +170,8 @@ def _start_tracker(name: str, output_dir: Path, run_id: str, config: dict[str, A
 
 
 def build_tracker(accelerator: Accelerator, output_dir: Path, config: dict[str, Any], wandb_mode: str,
-                  wandb_project: str, run_id: str, resume_step: int | None, trackers: list[str] = ()) -> NullTracker:
+                  wandb_project: str, run_id: str, resume_step: int | None,
+                  trackers: tuple[str, ...] | list[str] = ()) -> NullTracker:
     """The one place that decides who writes: the global main process, and nobody else."""
     if not accelerator.is_main_process:
         warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 shows the warnings
