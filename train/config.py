@@ -487,10 +487,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists() or path.is_dir():  # a pipe is fine: --config <(envsubst < template.yaml)
             raise ConfigError(f"config file '{path}' not found: pass an existing file to --config (see configs/)")
         try:
             loaded = _yaml(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}): pass a readable file to --config") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import signal
 from pathlib import Path
 
 _NEARLY_FULL_BYTES = 1 << 20  # a write failing with less free than this is put down to a full disk
@@ -26,6 +27,11 @@ def brief(e: BaseException) -> str:
     text = lines[0] if lines else ""
     text = text if len(text) <= 160 else text[:157] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# What asks a run to stop cleanly: SLURM and Kubernetes (TERM), Ctrl-C (INT), SLURM's warning
+# before the time limit (USR1), a closed terminal (HUP). train/preemption.py handles them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
 class StopRequested(BaseException):

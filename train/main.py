@@ -32,7 +32,7 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from train.errors import StopRequested, UserError, brief, disk_full, lost_peer  # noqa: E402
+from train.errors import STOP_SIGNALS, StopRequested, UserError, brief, disk_full, lost_peer  # noqa: E402
 from train.status import RunStatus  # noqa: E402
 
 
@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Hold stop signals until StopFlag.install takes them. A launcher ends the other ranks with
+    # SIGTERM as soon as one exits; a config error is the same on every rank but only the main
+    # process prints it, so it must not die of a faster rank's error before printing.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     code = main()
     # Exempt what is left from the collections of the interpreter's exit (atexit handlers and
     # reference counting still run): they walk every object torch made, most of the exit's

@@ -27,10 +27,9 @@ import torch
 from accelerate import Accelerator
 
 from train.distributed import launcher_args
-from train.errors import StopRequested
+from train.errors import STOP_SIGNALS, StopRequested
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" - the job should be resumed
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 BURST_S = 1.0  # seconds after a stop request in which further signals count as the same request
 LAUNCHER_GONE_GRACE_S = 60.0  # seconds an orphaned worker gets to checkpoint before it exits regardless
 
@@ -63,6 +62,7 @@ class StopFlag:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # started under nohup: the user asked to outlive the terminal
             self._previous[sig] = signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # what main.py held arrives now, here
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

@@ -280,6 +280,29 @@ def test_a_stop_signal_during_start_up_ends_the_run_at_once(tmp_path, stalled_pr
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("config", ["train:\n  lr: -1\n", "train:\n  lr: 0.001\n"], ids=["bad", "good"])
+def test_a_stop_signal_while_the_config_loads_waits_for_the_config(tmp_path, config):
+    """A launcher SIGTERMs the other ranks as soon as one exits. A config error is the same on
+    every rank and only the main process prints it: it must live to print it, whichever rank
+    failed first. With a good config the held signal stops the run at once, cleanly."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    proc = start_main(["--config", str(fifo), f"output_dir={tmp_path / 'run'}"])
+    with open(fifo, "w") as f:  # open returns once the run has opened it: it is loading its config
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # time to die, where the signal is not held
+        assert proc.poll() is None, proc.communicate()
+        f.write(config)
+    _, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr
+    if "-1" in config:
+        assert proc.returncode == 2 and error_lines(stderr) == ["error: config key 'train.lr' must be > 0, got -1.0"]
+    else:
+        assert proc.returncode == PREEMPTED_EXIT, stderr
+        assert "stopped: stopped by SIGTERM during start-up, before training began" in stderr
+    assert not (tmp_path / "run").exists()
+
+
 # -- 10. launch mistakes and small ones -----------------------------------------------------
 @pytest.mark.slow
 def test_num_processes_without_multi_gpu_is_refused(synthetic_mnist, tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
+import threading
 
 import pytest
 
@@ -80,9 +83,23 @@ def test_bad_config_fails_naming_the_problem(tmp_path, text, overrides, words):
         assert w in message, (w, message)
 
 
-def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "nope.yaml")
+def test_missing_or_unreadable_config_file(tmp_path):
+    for path in (tmp_path / "nope.yaml", tmp_path):
+        with pytest.raises(ConfigError, match="not found: pass an existing file to --config"):
+            load_config(path)
+    with socket.socket(socket.AF_UNIX) as sock:  # exists, yet opening it fails (ENXIO)
+        sock.bind(str(tmp_path / "socket.yaml"))
+        with pytest.raises(ConfigError, match="cannot be read .*: pass a readable file"):
+            load_config(tmp_path / "socket.yaml")
+
+
+def test_a_config_can_come_through_a_pipe(tmp_path):
+    fifo = tmp_path / "config.yaml"  # what bash's --config <(...) passes
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("train:\n  lr: 0.5\n",))
+    writer.start()
+    assert load_config(fifo).train.lr == 0.5
+    writer.join()
 
 
 def test_noise_specs_for_training_and_evaluation():
