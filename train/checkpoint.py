@@ -56,6 +56,24 @@ class TrainerState:
     """processes that wrote the checkpoint (for the log: any number may resume it); 0 = unknown"""
     compat: dict = dataclasses.field(default_factory=dict)
     """settings the saved state depends on; resuming with other values is refused"""
+    metrics_lines: int = -1
+    """records in metrics.jsonl when this was saved: a resume keeps those and drops what came
+    after (-1: not recorded by older versions; the metrics up to `step` are kept)"""
+
+
+def _check_state(state: dict, path: Path) -> TrainerState:
+    """A TrainerState from a checkpoint's JSON, each field of its own type (checksums only say
+    the file is the one that was saved, not that what was saved is sane)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainerState)}
+    unknown = sorted(set(state) - set(fields))
+    wrong = [name for name, value in state.items() if name in fields and not (
+        isinstance(value, dict) if name == "compat" else isinstance(value, str) if name == "run_id"
+        else isinstance(value, int) and not isinstance(value, bool))]
+    if not isinstance(state, dict) or unknown or wrong:
+        bad = unknown[:1] or wrong[:1] or ["not a mapping"]
+        raise CheckpointError(f"checkpoint {path} has an unreadable {STATE_FILE} ({bad[0]}): delete the checkpoint "
+                              f"to fall back to an older one, or start afresh in a new output_dir")
+    return TrainerState(**state)
 
 
 def _step_dirs(output_dir: Path) -> list[Path]:
@@ -71,13 +89,22 @@ def has_checkpoints(output_dir: Path) -> bool:
 
 
 def remove_unfinished(output_dir: Path) -> list[str]:
-    """Delete the `.tmp-*` folders of saves that never finished (a crash, a full disk).
-    Only while holding the run lock: another run's save in progress looks the same."""
+    """Delete the `.tmp-*` folders of saves that never finished (a crash, a full disk), and put
+    back a checkpoint that a save of the same step had set aside (`.old-*`) when that save never
+    took its place. Only while holding the run lock: another run's save in progress looks the same."""
     root = output_dir / CHECKPOINTS
+    notes = []
+    for path in sorted(root.glob(".old-step_*")) if root.is_dir() else []:
+        final = root / path.name.removeprefix(".old-")
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.replace(path, final)
+            notes.append(f"restored {final}, which a save of the same step had set aside before it was killed")
     leftovers = sorted(root.glob(".tmp-step_*")) if root.is_dir() else []
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
-    return [f"removed {path}, a checkpoint whose writing never finished" for path in leftovers]
+    return notes + [f"removed {path}, a checkpoint whose writing never finished" for path in leftovers]
 
 
 def _file_digest(path: Path) -> dict:
@@ -146,8 +173,13 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
         manifest = {p.name: _file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. after a resume)
+        old = root / f".old-{final.name}"
+        if final.exists():  # the same step saved again (a stop at an epoch's end, then its evaluation)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)  # set aside, not deleted, until the new one is in its place
+            maybe_inject_fault("in_resave", state.step, accelerator.process_index)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         for old in _prunable(output_dir, keep_last):
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -200,7 +232,8 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> list[str]:
             previous = read_status(output_dir / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
                 write_status(output_dir / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
-                at = f"at step {previous['step']}" if previous.get("step") is not None else "before its first step"
+                step = previous.get("step")
+                at = f"at step {step}" if isinstance(step, int) and step > 0 else "before its first logged step"
                 notes.append(f"the previous run in {output_dir} was killed without recording an outcome (it said "
                              f"'running' {at}); recorded it as failed")
             notes += remove_unfinished(output_dir)
@@ -215,16 +248,29 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> list[str]:
     return notes
 
 
-def pick_resume(output_dir: Path, resume: str, notes: list[str]) -> Path | None:
-    """The checkpoint to resume from (damaged ones skipped are reported in `notes`); refuses
-    checkpoint.resume=none where it would overwrite another run's checkpoints."""
-    resume_from = find_resume(output_dir, resume, warn=notes.append)
-    if resume_from is None and resume == "none" and has_checkpoints(output_dir):
-        raise UserError(
-            f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
-            f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
-        )
-    return resume_from
+def pick_resume(accelerator: Accelerator, output_dir: Path, resume: str, notes: list[str]) -> Path | None:
+    """The checkpoint to resume from, chosen by the global main process and sent to every rank
+    (on a shared filesystem another node may list or cache other files); damaged ones skipped
+    are reported in `notes`. Refuses checkpoint.resume=none where it would overwrite another
+    run's checkpoints."""
+    choice: list = [None, None, []]  # path, error, notes
+    if accelerator.is_main_process:
+        try:
+            resume_from = find_resume(output_dir, resume, warn=choice[2].append)
+            if resume_from is None and resume == "none" and has_checkpoints(output_dir):
+                raise UserError(
+                    f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
+                    f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
+                )
+            choice[0] = None if resume_from is None else str(resume_from)
+        except UserError as e:
+            choice[1] = str(e)
+    if accelerator.num_processes > 1:
+        choice = broadcast_object_list(choice)
+    if choice[1] is not None:
+        raise CheckpointError(choice[1])
+    notes += choice[2]
+    return None if choice[0] is None else Path(choice[0])
 
 
 def _differs(saved: object, now: object, default: object) -> bool:
@@ -251,12 +297,33 @@ def _restoring_overrides(keys: list[str], saved: dict, num_processes: int) -> li
     return fixes
 
 
-def load(accelerator: Accelerator, path: Path, compat: dict, defaults: dict | None = None) -> TrainerState:
+# What the compat keys of a learning-rate schedule are when a run has none: a checkpoint of a
+# constant-rate run records none of them (its steps did not depend on them).
+_NO_SCHEDULE = {"train.lr_schedule": "constant", "train.warmup_steps": 0}
+
+
+_SCHEDULE_KEYS = (*_NO_SCHEDULE, "train.epochs", "train.max_steps")
+
+
+def _shown(compat: dict, key: str, side: str) -> str:
+    """One side of a changed compat key, for the refusal."""
+    if key in compat:
+        return f"{side} {compat[key]!r}"
+    if key in _SCHEDULE_KEYS:
+        return f"{side}: none (a constant learning rate)"
+    return f"{side}: not recorded (the checkpoint predates the key)" if side == "saved" else f"{side}: not used"
+
+
+def load(accelerator: Accelerator, path: Path, compat: dict, optimizer, defaults: dict | None = None,
+         notes: list[str] | None = None) -> TrainerState:
     """Restore model, optimizer, scaler and RNG states from `path`; return our counters.
-    `defaults` holds, per compat key whose value is a mapping of settings, their defaults."""
+    `defaults` holds, per compat key whose value is a mapping of settings, their defaults.
+    `optimizer` keeps this run's hyperparameters (lr, betas, eps, weight decay, capturable):
+    the saved state brings back the saved ones, which the run's config and log would not show;
+    each one that changed is reported in `notes`."""
     try:
-        state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        state = _check_state(json.loads((path / STATE_FILE).read_text()), path)
+    except (OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({brief(e)}): delete it to fall back to an older one, or start afresh in a new output_dir"
         ) from e
@@ -264,12 +331,14 @@ def load(accelerator: Accelerator, path: Path, compat: dict, defaults: dict | No
     differing = sorted(k for k in compat.keys() | state.compat.keys()
                        if _differs(state.compat.get(k), compat.get(k), defaults.get(k)))
     if differing:
-        pairs = ", ".join(f"{k}: saved {state.compat.get(k)!r}, now {compat.get(k)!r}" for k in differing)
-        fixes = " ".join(_restoring_overrides(differing, state.compat, accelerator.num_processes))
+        pairs = ", ".join(f"{k}: {_shown(state.compat, k, 'saved')}, {_shown(compat, k, 'now')}" for k in differing)
+        saved = {**{k: v for k, v in _NO_SCHEDULE.items() if k not in state.compat}, **state.compat}
+        fixes = " ".join(_restoring_overrides(differing, saved, accelerator.num_processes))
         raise CheckpointError(
-            f"checkpoint {path} was made with other settings ({pairs}): restore them"
+            f"checkpoint {path} was made with other settings ({pairs}): resume with its settings"
             f"{f' ({fixes})' if fixes else ''}, or start afresh in a new output_dir"
         )
+    ours = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # torch/safetensors raise many types for damaged files
@@ -277,4 +346,25 @@ def load(accelerator: Accelerator, path: Path, compat: dict, defaults: dict | No
             f"checkpoint {path} could not be loaded ({brief(e)}): delete it to fall back to an "
             f"older one, or start afresh in a new output_dir"
         ) from e
+    for group, settings in zip(optimizer.param_groups, ours):
+        changed = sorted(k for k, v in settings.items() if group.get(k) != v)
+        if changed and notes is not None and group is optimizer.param_groups[0]:
+            notes.append("the optimizer runs this run's settings, not the checkpoint's: " + ", ".join(
+                f"{k} {group.get(k)!r} -> {settings[k]!r}" for k in changed))
+        group.update(settings)
     return state
+
+
+def check_same_state(accelerator: Accelerator, state: TrainerState, path: Path) -> None:
+    """Refuse, on every rank, when the ranks loaded different progress from `path` (a node that
+    sees another version of the folder: output_dir must be one filesystem every node shares)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch
+
+    mine = torch.tensor([state.step, state.epoch, state.micro_step], dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(mine).view(accelerator.num_processes, 3).tolist()
+    if any(row != every[0] for row in every):
+        steps = ", ".join(f"rank {rank}: step {row[0]}" for rank, row in enumerate(every))
+        raise CheckpointError(f"the ranks read different progress from {path} ({steps}): output_dir must be on a "
+                              f"filesystem that every node shares and sees alike; nothing was trained or changed")

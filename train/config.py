@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ class NoiseConfig:
     """seed of the fixed evaluation noise; independent of train.seed so runs compare"""
 
     def __post_init__(self) -> None:
-        _check(self.kind in NOISE_KINDS, "noise.kind", f"must be one of {NOISE_KINDS}, got '{self.kind}'")
+        _check(self.kind in NOISE_KINDS, "noise.kind", f"must be one of {NOISE_KINDS}, got {show(self.kind)}")
         for key in ("factor", "train_factor_min", "train_factor_max"):
             value = getattr(self, key)
             _check(value >= 0, f"noise.{key}", f"must be >= 0, got {value}")
@@ -133,7 +134,7 @@ class ModelConfig:
     """settings of the unet model (ignored by the others)"""
 
     def __post_init__(self) -> None:
-        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got '{self.name}'")
+        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got {show(self.name)}")
 
     def settings(self) -> dict[str, Any]:
         """Keyword arguments of the chosen model: its own section, if it has one."""
@@ -200,14 +201,14 @@ class TrainConfig:
                f"must be >= 1, got {self.gradient_accumulation_steps}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.lr_scaling in LR_SCALINGS, "train.lr_scaling",
-               f"must be one of {LR_SCALINGS}, got '{self.lr_scaling}'")
+               f"must be one of {LR_SCALINGS}, got {show(self.lr_scaling)}")
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
-               f"must be one of {LR_SCHEDULES}, got '{self.lr_schedule}'")
+               f"must be one of {LR_SCHEDULES}, got {show(self.lr_schedule)}")
         _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.lr_reference_batch >= 1, "train.lr_reference_batch", f"must be >= 1, got {self.lr_reference_batch}")
         _check(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _check(self.mixed_precision in MIXED_PRECISIONS, "train.mixed_precision",
-               f"must be one of {MIXED_PRECISIONS}, got '{self.mixed_precision}'")
+               f"must be one of {MIXED_PRECISIONS}, got {show(self.mixed_precision)}")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
         _check(self.collective_timeout_s >= 10, "train.collective_timeout_s",
                f"must be >= 10 seconds, got {self.collective_timeout_s}")
@@ -303,7 +304,7 @@ class PerfConfig:
 
     def __post_init__(self) -> None:
         _check(self.compile_mode in COMPILE_MODES, "perf.compile_mode",
-               f"must be one of {COMPILE_MODES}, got '{self.compile_mode}'")
+               f"must be one of {COMPILE_MODES}, got {show(self.compile_mode)}")
 
 
 @dataclass
@@ -367,7 +368,7 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _check(self.wandb_mode in WANDB_MODES, "logging.wandb_mode",
-               f"must be one of {WANDB_MODES}, got '{self.wandb_mode}'")
+               f"must be one of {WANDB_MODES}, got {show(self.wandb_mode)}")
         for name in self.trackers:
             _check(name in TRACKERS, "logging.trackers", f"has '{name}': the trackers are {TRACKERS}")
             _check(importlib.util.find_spec(name) is not None, "logging.trackers",
@@ -408,16 +409,16 @@ def _coerce(value: Any, expected: type, key: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+                raise ConfigError(f"config key '{key}' must be a finite number, got {show(value)}")
             return number
     if typing.get_origin(expected) is list:  # a list of one scalar type, e.g. list[str]
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, e.g. [a, b], got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list, e.g. [a, b], got {show(value)}")
         return [_coerce(v, typing.get_args(expected)[0], key) for v in value]
     # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
-    shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+    shown = "null" if value is None else f"{show(value)} ({type(value).__name__})"
     raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {shown}")
 
 
@@ -447,7 +448,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         ftype = types[name]
         if dataclasses.is_dataclass(ftype):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}' is a section: give it as a mapping of keys, got {value!r}")
+                raise ConfigError(f"config key '{key}' is a section: give it as a mapping of keys, got {show(value)}")
             kwargs[name] = _build(ftype, value, f"{key}.")
         else:
             kwargs[name] = _coerce(value, ftype, key)
@@ -471,6 +472,65 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+# A config is a few hundred bytes and a few dozen values; these bounds keep a hostile or
+# mistaken file (a 50 MB paste, aliases that expand to millions of values) from holding the
+# process (and its stop signals) for minutes or printing megabytes in an error.
+MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_VALUES = 10_000  # scalars, lists and mappings, each alias counted as often as it is used
+
+
+def _count_values(tree: Any, budget: int) -> int:
+    """How many values `tree` has with aliases expanded, stopping once past `budget` (cycles too)."""
+    count, stack = 0, [tree]
+    while stack and count <= budget:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def read_yaml(path: str | Path, what: str, flag: str = "") -> Any:
+    """The YAML document at `path` (a file or a pipe), bounded in size and expansion; every
+    problem is one ConfigError that names `what` (e.g. "config file 'x.yaml'") and the `flag`
+    that gave the path."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():  # a pipe is fine: --config <(envsubst < template.yaml)
+        raise ConfigError(f"{what} not found: pass an existing file{flag}")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be read ({e.strerror}): pass a readable file{flag}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} is larger than {MAX_YAML_BYTES // 1024} KiB, far more than any config: "
+                          f"is it the right file?")
+    try:
+        tree = _yaml(data.decode("utf-8", errors="replace"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests too deeply to be a config") from None
+    if _count_values(tree, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ConfigError(f"{what} holds more than {MAX_YAML_VALUES:,} values once its aliases are expanded "
+                          f"(or an alias that contains itself): write the values out instead")
+    return tree
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """`value` as an error message shows it: its repr, cut to `limit` characters."""
+    short = reprlib.Repr()  # nested and long values abbreviated with "...", never expanded whole
+    short.maxlevel, short.maxstring, short.maxother = 2, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
@@ -486,18 +546,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Build the run's config: dataclass defaults, then the YAML file, then `key=value` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists() or path.is_dir():  # a pipe is fine: --config <(envsubst < template.yaml)
-            raise ConfigError(f"config file '{path}' not found: pass an existing file to --config (see configs/)")
-        try:
-            loaded = _yaml(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}): pass a readable file to --config") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or "invalid YAML"
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+        loaded = read_yaml(path, f"config file '{path}'", " to --config (see configs/)")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of sections, got {type(loaded).__name__}")
         values = loaded or {}

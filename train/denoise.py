@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.errors import UserError, brief
+from train.errors import UserError, brief, counted
 
 SIDE = 28  # pixels: MNIST digits
 WEIGHTS = "model.safetensors"
@@ -52,7 +52,7 @@ class DenoiseError(UserError):
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """The model of a run folder (or one of its checkpoints/step_* folders) and the run's
     config, in eval mode on `device`."""
-    from train.config import ConfigError, load_config
+    from train.config import ConfigError, load_config, read_yaml
     from train.model import MODELS, build_model
 
     path = Path(path)
@@ -65,10 +65,13 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     try:
         cfg = load_config(run_dir / CONFIG)
     except ConfigError as e:
-        import yaml
-
-        name = ((yaml.safe_load((run_dir / CONFIG).read_text()) or {}).get("model") or {}).get("name")
-        if name is not None and name not in MODELS:
+        try:
+            saved = read_yaml(run_dir / CONFIG, CONFIG)
+        except ConfigError:
+            saved = None  # torn or not YAML: the message below says so
+        model = saved.get("model") if isinstance(saved, dict) else None
+        name = model.get("name") if isinstance(model, dict) else None
+        if isinstance(name, str) and name not in MODELS:
             raise DenoiseError(f"checkpoint {path} holds a '{name}' model, which this version cannot build "
                                f"(known: {', '.join(MODELS)}): use the version of mnist-denoise that trained it") from e
         raise DenoiseError(f"checkpoint {path} has a config this version cannot read ({e}): use the version "
@@ -190,20 +193,20 @@ def _write(item: Item, images: torch.Tensor, stem: Path) -> None:
 
 
 def _out_stems(items: list[Item], out_dir: Path, noisy: bool) -> list[Path]:
-    """Where each item's results go; refuses names that collide or would overwrite an input."""
+    """Where each item's results go; refuses names that collide (a denoised output with another
+    input's, or with another input's noisy copy) or would overwrite an input."""
     stems = [out_dir / item.source.stem for item in items]
-    seen: dict[Path, Path] = {}
-    for stem, item in zip(stems, items):
-        if stem in seen:
-            raise DenoiseError(f"inputs {seen[stem]} and {item.source} would both be written to {stem}.*: "
-                               f"rename one, or denoise them in two runs with different --out")
-        seen[stem] = item.source
+    seen: dict[Path, Path] = {}  # every file the run writes (its stem), and the input it is for
     inputs = {item.source.resolve() for item in items}
     for stem, item in zip(stems, items):
-        for out in [_out_path(item, stem)] + ([_out_path(item, stem.with_name(stem.name + "_noisy"))] if noisy else []):
-            if out.resolve() in inputs:
-                raise DenoiseError(f"writing {out} would overwrite the input file of that name: choose an --out "
-                                   f"folder that holds no inputs (e.g. --out denoised)")
+        for out in [stem] + ([stem.with_name(stem.name + "_noisy")] if noisy else []):
+            if out in seen:
+                raise DenoiseError(f"inputs {seen[out]} and {item.source} would both be written to {out}.*: "
+                                   f"rename one, or denoise them in two runs with different --out")
+            seen[out] = item.source
+            if _out_path(item, out).resolve() in inputs:
+                raise DenoiseError(f"writing {_out_path(item, out)} would overwrite the input file of that name: "
+                                   f"choose an --out folder that holds no inputs (e.g. --out denoised)")
     return stems
 
 
@@ -220,9 +223,11 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DenoiseError(f"--device {name} asked for, but there is no CUDA GPU here: use --device cpu (or auto)")
     try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise DenoiseError(f"--device {name} is not a device ({brief(e)}): use auto, cpu or cuda") from e
+        device = torch.device(name)
+        torch.empty(1, device=device)  # a device torch knows of may still be absent here (mps on Linux)
+    except (RuntimeError, AssertionError) as e:
+        raise DenoiseError(f"--device {name} is not a device this machine has ({brief(e)}): use auto, cpu or cuda") from e
+    return device
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -280,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
             start += n
     except OSError as e:
         raise DenoiseError(f"cannot write to {out_dir} ({e.strerror}): choose a writable --out folder") from e
-    print(f"denoised {len(images)} images from {len(items)} files with {cfg.model.name} on {device} "
+    print(f"denoised {counted(len(images), 'image')} from {counted(len(items), 'file')} with {cfg.model.name} on {device} "
           f"in {time.perf_counter() - t0:.1f} s: {out_dir}/")
     return 0
 

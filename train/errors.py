@@ -29,6 +29,11 @@ def brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 image', '2 images', '2 processes': a count with its noun."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'x')) else 's'}"
+
+
 # What asks a run to stop cleanly: SLURM and Kubernetes (TERM), Ctrl-C (INT), SLURM's warning
 # before the time limit (USR1), a closed terminal (HUP). train/preemption.py handles them.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)

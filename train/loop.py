@@ -23,7 +23,7 @@ from train import checkpoint, metrics, noise
 from train.checkpoint import TrainerState
 from train.config import BatchPlan, Config
 from train.data import EpochOrder, Split
-from train.errors import UserError
+from train.errors import UserError, counted
 from train.preemption import Preempted, StopFlag, maybe_inject_fault
 from train.tracking import SAMPLES_KEY, NullTracker
 
@@ -64,6 +64,25 @@ class Schedule:
         """True on the micro-step that ends its window: gradients sync and the optimizer steps."""
         start = micro_step - micro_step % self.accumulation
         return micro_step + 1 == start + self.window_len(micro_step)
+
+    def check_resume(self, state: TrainerState, path: Path) -> None:
+        """Refuse a checkpoint whose position this run could not have saved: the optimizer steps
+        it counts must be those of its epoch and micro-step, at a window's end (an edited or
+        buggy trainer_state.json would otherwise loop forever, finish at once or lose metrics)."""
+        m, n = state.micro_step, self.micro_steps_per_epoch
+        at_boundary = 0 <= m <= n and (m % self.accumulation == 0 or m == n)
+        steps = state.epoch * self.steps_per_epoch + math.ceil(m / self.accumulation)
+        if state.epoch < 0 or not at_boundary or state.step != steps:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} holds an impossible position (step {state.step}, epoch {state.epoch}, micro-step "
+                f"{m}; this run has {n} micro-steps per epoch, {self.accumulation} per optimizer step): it was "
+                f"edited or written by a bug; delete it to fall back to an older one, or start afresh in a new output_dir")
+
+
+def schedule_of(cfg: Config, plan: BatchPlan, num_samples: int) -> Schedule:
+    """The run's schedule over `num_samples` training images."""
+    micro_steps = EpochOrder(num_samples, plan.per_device_batch_size, plan.processes, 0, cfg.train.seed).steps_per_epoch
+    return Schedule(micro_steps, plan.accumulation, cfg.train.epochs, cfg.train.max_steps)
 
 
 def sample_indices(split: Split, n: int) -> torch.Tensor:
@@ -152,15 +171,17 @@ class Trainer:
 
     def __init__(self, cfg: Config, plan: BatchPlan, accelerator: Accelerator, model: nn.Module,
                  optimizer: torch.optim.Optimizer, train_split: Split, test_split: Split, state: TrainerState,
-                 tracker: NullTracker, stop: StopFlag | None = None) -> None:
+                 tracker: NullTracker, stop: StopFlag | None = None,
+                 on_progress: Callable[[int], None] = lambda step: None) -> None:
         self.cfg, self.plan, self.accelerator, self.model, self.optimizer = cfg, plan, accelerator, model, optimizer
         self.train_split, self.test_split, self.state, self.tracker = train_split, test_split, state, tracker
         self.stop = stop or StopFlag()
+        self.on_progress = on_progress  # called with the step at each logging step (status.json's step)
         self.output_dir = Path(cfg.output_dir)
         tc = cfg.train
         self.order = EpochOrder(len(train_split), plan.per_device_batch_size, plan.processes,
                                 accelerator.process_index, tc.seed)
-        self.schedule = Schedule(self.order.steps_per_epoch, plan.accumulation, tc.epochs, tc.max_steps)
+        self.schedule = schedule_of(cfg, plan, len(train_split))
         self.scheduled_lr = tc.lr_schedule != "constant" or tc.warmup_steps > 0
         self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
         make_batch = batch_maker(train_split, cfg.noise.train_spec())
@@ -282,7 +303,7 @@ class Trainer:
         training = time.perf_counter() - started - sum(self.seconds.values())
         self.tracker.info(
             f"time: training {training:.1f} s, evaluation {self.seconds['evaluation']:.1f} s "
-            f"({self.counts['evaluation']} runs), checkpoints {self.seconds['checkpoints']:.1f} s "
+            f"({counted(self.counts['evaluation'], 'run')}), checkpoints {self.seconds['checkpoints']:.1f} s "
             f"({self.counts['checkpoints']} saved)"
         )
 
@@ -293,7 +314,9 @@ class Trainer:
                 f"training loss became {loss} by step {self.state.step}: lower train.lr, set train.max_grad_norm "
                 f"(e.g. 1.0), or use bf16 instead of fp16; the last good checkpoint is kept"
             )
-        record = {"step": self.state.step, "epoch": self.state.epoch, "train/loss": loss,
+        s = self.state  # epoch: epochs done, with the fraction of the one in progress, as in evaluation lines
+        epochs_done = s.epoch + s.micro_step / self.schedule.micro_steps_per_epoch
+        record = {"step": s.step, "epoch": round(epochs_done, 4), "train/loss": loss,
                   "train/lr": float(self.optimizer.param_groups[0]["lr"])}
         if images_per_s is not None:
             record["train/images_per_s"] = images_per_s
@@ -304,6 +327,7 @@ class Trainer:
             record["train/loss_scale"] = self.accelerator.scaler.get_scale()
         self.tracker.log(record)
         self.tracker.advance(0, loss=f"{loss:.4f}")
+        self.on_progress(self.state.step)
 
     def _evaluate(self, epoch: float) -> None:
         # Evaluation's forward passes keep cuDNN's heuristic kernels even under
@@ -357,6 +381,7 @@ class Trainer:
         if eval_epoch is not None:
             with self._timed("evaluation"):
                 self._evaluate(eval_epoch)
+        self.state.metrics_lines = self.tracker.lines  # what a resume from this checkpoint keeps
         with self._timed("checkpoints"):
             checkpoint.save(self.accelerator, self.output_dir, self.state, self.cfg.checkpoint.keep_last)
         window.restart()

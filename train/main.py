@@ -32,7 +32,7 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from train.errors import STOP_SIGNALS, StopRequested, UserError, brief, disk_full, lost_peer  # noqa: E402
+from train.errors import STOP_SIGNALS, StopRequested, UserError, brief, counted, disk_full, lost_peer  # noqa: E402
 from train.status import RunStatus  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     from train import checkpoint
     from train.data import load_mnist, sample_limit_notes
     from train.distributed import build_accelerator, describe
-    from train.loop import Trainer, build_optimizer
+    from train.loop import Trainer, build_optimizer, schedule_of
     from train.model import build_model
     from train.perf import apply_perf, check_perf, maybe_keep_freed_host_memory
     from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, watch_launcher
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     check_perf(cfg.perf, cfg.train, accelerator)
     notes += checkpoint.claim_output_dir(accelerator, output_dir)
-    resume_from = checkpoint.pick_resume(output_dir, cfg.checkpoint.resume, notes)
+    resume_from = checkpoint.pick_resume(accelerator, output_dir, cfg.checkpoint.resume, notes)
 
     # Download once: the global main process first, then (for nodes without a shared
     # filesystem) each node's local main process, then everyone else reads the files.
@@ -94,9 +94,12 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision))
     if resume_from is not None:
-        state = checkpoint.load(accelerator, resume_from, state.compat,
-                                defaults={"model.settings": cfg.model.default_settings()})
+        state = checkpoint.load(accelerator, resume_from, state.compat, optimizer,
+                                defaults={"model.settings": cfg.model.default_settings()}, notes=notes)
+        checkpoint.check_same_state(accelerator, state, resume_from)
+        schedule_of(cfg, plan, len(train_split)).check_resume(state, resume_from)
     status.accept()  # only now: a refused resume leaves the folder as it was
+    status.step = state.step
     status.record("running", 0)
     state.run_id = state.run_id or secrets.token_hex(4)  # the wandb run id; only the main process uses it
 
@@ -104,16 +107,22 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
              "per_device_batch": plan.per_device_batch_size, "lr": plan.peak_lr}
     tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
-                            resume_step=state.step if resume_from is not None else None,
+                            resume=(state.step, state.metrics_lines) if resume_from is not None else None,
                             trackers=cfg.logging.trackers)
     tracker.write_run_files(cfg.to_dict(), setup)
     log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch}; "
-                     f"written by {state.world_size or '?'} processes, now {plan.processes})")
+                     f"written by {counted(state.world_size, 'process') if state.world_size else '? processes'}, "
+                     f"now {plan.processes})")
     state.world_size = plan.processes
 
-    trainer = Trainer(cfg, plan, accelerator, model, optimizer, train_split, test_split, state, tracker, stop)
+    def on_progress(step: int) -> None:  # keep status.json's step current, for a run killed without a word
+        status.step = step
+        status.record("running", 0)
+
+    trainer = Trainer(cfg, plan, accelerator, model, optimizer, train_split, test_split, state, tracker, stop,
+                      on_progress)
     try:
         trainer.fit()
     except Preempted as p:
@@ -125,7 +134,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         status.step = state.step
     accelerator.wait_for_everyone()
     accelerator.save_model(model, str(output_dir))  # model.safetensors, on the main process
-    tracker.info(f"done: {state.step} steps; weights in {output_dir / 'model.safetensors'}")
+    tracker.info(f"done: {counted(state.step, 'step')}; weights in {output_dir / 'model.safetensors'}")
     accelerator.end_training()
     status.record("completed", 0)
     return 0

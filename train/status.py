@@ -68,12 +68,15 @@ def write_status(path: Path, outcome: str, exit_code: int, step: int | None = No
 
 
 def read_status(path: Path) -> dict | None:
-    """The record at `path`; None if there is none, or it cannot be parsed (a torn write)."""
+    """The record at `path`; None if there is none, or it is not a whole record (a torn write,
+    a file edited by hand)."""
     try:
         record = json.loads(path.read_text())
-        return record if isinstance(record, dict) and "outcome" in record else None
     except (OSError, ValueError):
         return None
+    whole = isinstance(record, dict) and isinstance(record.get("outcome"), str) and \
+        isinstance(record.get("exit_code"), int) and not isinstance(record["exit_code"], bool)
+    return record if whole else None
 
 
 def settle(output_dir: Path) -> dict | None:
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     status = settle(Path(args[0]))
     if status is None:
-        print(f"error: {Path(args[0]) / STATUS_FILE} is missing or unreadable: no run recorded there", file=sys.stderr)
+        print(f"error: {Path(args[0]) / STATUS_FILE} is missing or not a whole status record (outcome and "
+              f"exit_code): no run recorded there", file=sys.stderr)
         return 2
     print(status["outcome"], status["exit_code"])
     return 0

@@ -26,16 +26,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from train.config import load_config
+from train.config import ConfigError, load_config, read_yaml
 from train.errors import UserError
 
 SWEEP_KEYS = ("name", "config", "output_root", "overrides", "grid")
+MAX_TASKS = 10_000  # far above SLURM's default MaxArraySize (1001); a grid past it is a mistake
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,9 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; every mistake is a UserError naming the key."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise UserError(f"sweep file '{path}' cannot be read ({e.strerror}): pass an existing file") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep file '{path}' is not valid YAML ({getattr(e, 'problem', e)})") from None
+        data = read_yaml(path, f"sweep file '{path}'")
+    except ConfigError as e:
+        raise UserError(str(e)) from None
     if not isinstance(data, dict):
         raise UserError(f"sweep file '{path}' must be a mapping with the keys {', '.join(SWEEP_KEYS)}")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
@@ -92,6 +90,9 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise UserError(f"sweep file '{path}': 'grid' must map config keys to non-empty lists of values, "
                         f"e.g. grid: {{train.lr: [0.001, 0.002]}}")
+    if math.prod(len(v) for v in grid.values()) > MAX_TASKS:
+        raise UserError(f"sweep file '{path}': the grid has {math.prod(len(v) for v in grid.values()):,} points, "
+                        f"more than {MAX_TASKS:,} tasks: split it into several sweeps")
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise UserError(f"sweep file '{path}': 'overrides' must be a list of section.key=value strings")
@@ -122,9 +123,11 @@ def summary(sweep: Sweep) -> list[dict]:
         if path.exists():
             for line in path.read_text(errors="replace").splitlines():
                 try:
-                    metrics.append(json.loads(line))
+                    record = json.loads(line)
                 except ValueError:
-                    pass  # a torn last line
+                    continue  # a torn last line
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    metrics.append(record)
         evals = [m for m in metrics if "eval/psnr_db" in m]
         best = max(evals, key=lambda m: m["eval/psnr_db"], default=None)
         rows.append({"task": task.index, **task.point, "outcome": status["outcome"] if status else "not started",
@@ -135,15 +138,16 @@ def summary(sweep: Sweep) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows as aligned text columns, best PSNR first."""
+    """Rows as aligned text columns, best PSNR first: PSNRs to 3 decimals, grid values as given."""
     rows = sorted(rows, key=lambda r: -(r["best_psnr_db"] if r["best_psnr_db"] is not None else float("-inf")))
     columns = list(rows[0]) if rows else []
 
-    def cell(value: object) -> str:
-        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) and not float(value).is_integer() \
-            else str(value)
+    def cell(column: str, value: object) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if column.endswith("_db") else str(value)  # str(0.0005) is '0.0005'
 
-    table = [columns] + [[cell(r[c]) for c in columns] for r in rows]
+    table = [columns] + [[cell(c, r[c]) for c in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table)
 

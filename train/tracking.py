@@ -32,6 +32,9 @@ def _step_of(line: str) -> int | None:
 class NullTracker:
     """What ranks other than the global main process get: every call is a no-op."""
 
+    lines = 0
+    """records in metrics.jsonl (kept by a resume, and logged since)"""
+
     def info(self, message: str) -> None:
         pass
 
@@ -55,15 +58,16 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """The main process's tracker. `resume_step` trims metrics.jsonl to what the checkpoint
-    being resumed had seen, so a resumed run's metrics have no gaps and no duplicates."""
+    """The main process's tracker. `resume` trims metrics.jsonl to what the checkpoint being
+    resumed had seen, so a resumed run's metrics have no gaps and no duplicates: (its step,
+    the records it counted or -1 for an older checkpoint that did not count them)."""
 
     def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, wandb_project: str,
-                 run_id: str, resume_step: int | None, trackers: tuple[str, ...] | list[str] = ()) -> None:
+                 run_id: str, resume: tuple[int, int] | None, trackers: tuple[str, ...] | list[str] = ()) -> None:
         self.output_dir = output_dir
         self.metrics_path = output_dir / METRICS_FILE
         self._bar = None
-        self._trim_metrics(resume_step)
+        self._trim_metrics(resume)
         self._others = [_start_tracker(name, output_dir, run_id, config) for name in trackers]
         self._wandb = None
         if wandb_mode != "disabled":
@@ -74,18 +78,23 @@ class Tracker(NullTracker):
                                      dir=str(output_dir), config=config, mode=wandb_mode, id=run_id, resume="allow",
                                      settings=wandb.Settings(silent=True))
 
-    def _trim_metrics(self, resume_step: int | None) -> None:
-        """Keep the lines up to the checkpoint's step, atomically. A line that is not a whole
+    def _trim_metrics(self, resume: tuple[int, int] | None) -> None:
+        """Keep the records the checkpoint had seen, atomically. A line that is not a whole
         record (the tail torn by a kill or a full disk) is dropped and reported, never fatal."""
         if not self.metrics_path.exists():
             return
-        if resume_step is None:
+        if resume is None:
             self.metrics_path.unlink()
             return
+        step, count = resume
         lines = self.metrics_path.read_text(errors="replace").splitlines()
         steps = [_step_of(line) for line in lines]
-        torn = [line for line, step in zip(lines, steps) if step is None and line.strip()]
-        kept = [line for line, step in zip(lines, steps) if step is not None and step <= resume_step]
+        torn = [line for line, s in zip(lines, steps) if s is None and line.strip()]
+        records = [line for line, s in zip(lines, steps) if s is not None]
+        # By count: an evaluation logged at the checkpoint's step after it was saved is the
+        # resumed run's to log again.
+        kept = records[:count] if count >= 0 else [line for line in records if _step_of(line) <= step]
+        self.lines = len(kept)
         tmp = self.metrics_path.with_name(METRICS_FILE + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.metrics_path)
@@ -103,6 +112,7 @@ class Tracker(NullTracker):
     def log(self, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.lines += 1
         values = {k: v for k, v in metrics.items() if k != "step"}
         if self._wandb is not None:
             self._wandb.log(values, step=metrics["step"])
@@ -170,13 +180,13 @@ def _start_tracker(name: str, output_dir: Path, run_id: str, config: dict[str, A
 
 
 def build_tracker(accelerator: Accelerator, output_dir: Path, config: dict[str, Any], wandb_mode: str,
-                  wandb_project: str, run_id: str, resume_step: int | None,
+                  wandb_project: str, run_id: str, resume: tuple[int, int] | None,
                   trackers: tuple[str, ...] | list[str] = ()) -> NullTracker:
     """The one place that decides who writes: the global main process, and nobody else."""
     if not accelerator.is_main_process:
         warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 shows the warnings
         return NullTracker()
-    return Tracker(output_dir, config, wandb_mode, wandb_project, run_id, resume_step, trackers)
+    return Tracker(output_dir, config, wandb_mode, wandb_project, run_id, resume, trackers)
 
 
 def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int, notes: list[str]) -> None:

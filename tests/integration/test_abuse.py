@@ -103,6 +103,8 @@ def test_the_status_command_and_the_next_run_record_a_killed_run_as_failed(synth
     args = LONG + [f"data.root={synthetic_mnist}", "train.epochs=1", "checkpoint.every_n_steps=50"]
     assert run_main(args + [f"output_dir={out}"], env={"DENOISE_FAULT": "after_step:120"}).returncode == -signal.SIGKILL
     assert _status(out)["outcome"] == "running"  # a SIGKILLed process can write nothing...
+    killed_at = _status(out)["step"]
+    assert 100 <= killed_at < 120, _status(out)  # ...but its record keeps the last logged step
     shutil.copytree(out, copy)  # the same killed run, for each of the two readers
     status = subprocess.run([sys.executable, "-m", "train.status", str(copy)], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
@@ -112,6 +114,7 @@ def test_the_status_command_and_the_next_run_record_a_killed_run_as_failed(synth
     resumed = run_main(args + [f"output_dir={out}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "the previous run in" in resumed.stdout and "was killed without recording an outcome" in resumed.stdout
+    assert f"(it said 'running' at step {killed_at})" in resumed.stdout
     assert "resuming from" in resumed.stdout and _status(out)["outcome"] == "completed"
 
 

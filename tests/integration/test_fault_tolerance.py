@@ -146,7 +146,7 @@ def test_resuming_with_settings_that_change_the_meaning_is_refused(synthetic_mni
     r = run_main(base + ["train.per_device_batch_size=10", "train.seed=4"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "global_micro_batch: saved 20, now 10" in r.stderr and "train.seed: saved 0, now 4" in r.stderr
-    assert "restore them (train.global_batch_size=20 train.seed=0)" in r.stderr
+    assert "resume with its settings (train.global_batch_size=20 train.seed=0)" in r.stderr
     # Nothing saved was touched, status.json included: it still records the finished run.
     # (run.lock names whoever holds the folder: the refused run did, for a moment.)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
@@ -155,6 +155,73 @@ def test_resuming_with_settings_that_change_the_meaning_is_refused(synthetic_mni
     # A harmless change (more epochs, other logging) continues the run.
     r = _ok(run_main(base + ["logging.every_n_steps=10"]))
     assert "resuming from" in r.stdout and read_metrics(out)[-1]["step"] == 60
+
+
+def test_a_changed_learning_rate_is_the_one_a_resumed_run_trains_at(synthetic_mnist, tmp_path, straight):
+    # A constant schedule: the learning rate is not part of what a checkpoint means, so it may
+    # change; the optimizer's saved state must not bring the old one back.
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    r = _ok(run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3", "train.lr=0.0001"]))
+    assert "the optimizer runs this run's settings, not the checkpoint's: lr 0.001 -> 0.0001" in r.stdout
+    resumed = [m for m in read_metrics(out) if "train/lr" in m and m["step"] > 40]
+    assert resumed and all(m["train/lr"] == 0.0001 for m in resumed)
+    assert json.loads((out / "setup.json").read_text())["lr"] == 0.0001
+
+
+def test_a_schedule_change_against_an_older_constant_run_says_what_the_checkpoint_had(synthetic_mnist, tmp_path,
+                                                                                      straight):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.lr_schedule=cosine"])
+    [line] = error_lines(r.stderr)
+    assert r.returncode == 2 and "None" not in line, line
+    assert "train.lr_schedule: saved: none (a constant learning rate), now 'cosine'" in line
+    assert "resume with its settings (train.lr_schedule=constant train.warmup_steps=0)" in line
+
+
+def _edit_state(ckpt: Path, **fields) -> None:
+    """Change trainer_state.json and make its checksum match again: edited, yet 'intact'."""
+    import hashlib
+
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    data = json.dumps({**state, **fields}).encode()
+    (ckpt / "trainer_state.json").write_bytes(data)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["trainer_state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("fields", [{"micro_step": 500}, {"epoch": 7}, {"step": -5}, {"micro_step": 3},
+                                    {"step": "40"}, {"metrics_lines": True}],
+                         ids=["past the epoch's end", "epoch past the end", "negative step", "step off its position",
+                              "a string", "a bool"])
+def test_a_checkpoint_with_an_impossible_position_is_refused(synthetic_mnist, tmp_path, straight, fields):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    _edit_state(out / "checkpoints" / "step_00000040", **fields)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
+    r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3"], timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    [line] = error_lines(r.stderr)
+    assert "step_00000040" in line and ("impossible position" in line or "unreadable trainer_state.json" in line)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+
+
+def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint_and_its_one_evaluation(synthetic_mnist, tmp_path,
+                                                                                      straight):
+    # every_n_steps=20 saves step 20 inside the epoch; the epoch's end evaluates and saves step 20
+    # again. A kill between setting the old copy aside and putting the new one in place:
+    out = tmp_path / "run"
+    args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "checkpoint.every_n_steps=20"]
+    r = run_main(args, env={"DENOISE_FAULT": "in_resave:20"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out) if "eval/mse" in m] == [20]  # logged before the kill
+    assert not (out / "checkpoints" / "step_00000020").exists()
+    r = _ok(run_main(args))
+    assert "restored" in r.stdout and "resuming from" in r.stdout and "step_00000020" in r.stdout
+    _assert_same_as(out, straight)  # no duplicated evaluation line, the same weights
+    assert not list((out / "checkpoints").glob(".old-*"))
 
 
 def test_a_finished_run_continues_with_more_epochs_to_the_same_weights(synthetic_mnist, tmp_path, straight):

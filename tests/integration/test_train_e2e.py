@@ -49,6 +49,8 @@ def test_single_process_run_writes_every_output(synthetic_mnist, tmp_path):
         assert 9.0 < m["eval/noisy_psnr_db"] < 9.8  # noise factor 0.5, clipped: as on MNIST (9.37 dB)
     assert eval_lines[1]["eval/psnr_db"] > eval_lines[0]["eval/psnr_db"] + 1  # it learns (measured: +2.4 dB)
     assert [m["step"] for m in train_lines] == list(range(5, 41, 5))
+    # One meaning of epoch in every line: epochs done, so a tracker gets one value per step.
+    assert [m["epoch"] for m in train_lines] == [step / steps_per_epoch for step in range(5, 41, 5)]
     assert all(m["train/loss"] > 0 and m["train/images_per_s"] > 0 for m in train_lines)
 
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000020.png", "step_00000040.png"]

@@ -24,3 +24,37 @@ def test_pruning_never_deletes_an_intact_checkpoint_for_a_damaged_one(tmp_path):
     assert [p.name for p in _prunable(tmp_path, 3)] == []
     assert [p.name for p in _prunable(tmp_path, 1)] == ["step_00000008", "step_00000016", "step_00000024",
                                                         "step_00000032"]
+
+
+def test_a_resumed_optimizer_runs_this_runs_settings_not_the_checkpoints(tmp_path):
+    """Every hyperparameter a checkpoint's optimizer state carries comes back as the run set it."""
+    import torch
+    from accelerate import Accelerator
+
+    from train import checkpoint
+
+    acc = Accelerator(cpu=True)
+
+    def optimizer(**settings) -> torch.optim.Optimizer:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.Adam(model.parameters(), fused=True, **settings)
+        model(torch.ones(4, 3)).sum().backward()
+        opt.step()
+        return acc.prepare(model, opt)[1]
+
+    saved = {"lr": 0.1, "betas": (0.5, 0.6), "eps": 1e-3, "weight_decay": 0.2, "capturable": False}
+    ours = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "capturable": True}
+    optimizer(**saved)
+    state = checkpoint.TrainerState(step=1, micro_step=1)
+    path = checkpoint.save(acc, tmp_path, state, keep_last=1)
+    acc._models.clear()  # a new run's accelerator holds only its own model and optimizer
+    acc._optimizers.clear()
+    opt = optimizer(**ours)
+    notes = []
+    loaded = checkpoint.load(acc, path, state.compat, opt, notes=notes)
+    assert loaded.step == 1
+    group = opt.param_groups[0]
+    assert {k: group[k] for k in ours} == ours
+    assert opt.state_dict()["state"][0]["exp_avg"].abs().sum() > 0  # the moments did come from the checkpoint
+    assert notes and "lr 0.1 -> 0.0001" in notes[0] and "capturable False -> True" in notes[0]

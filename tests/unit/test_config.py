@@ -202,3 +202,40 @@ def test_list_keys_take_lists_of_their_type():
                        ("logging.trackers=[1]", "must be str")):
         with pytest.raises(ConfigError, match=words):
             load_config(None, [bad])
+
+
+def _alias_bomb(levels: int = 8) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 10**levels values."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\ntrain: {{lr: *a{levels - 1}}}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    assert path.stat().st_size < 1000
+    with pytest.raises(ConfigError, match="more than 10,000 values once its aliases are expanded") as e:
+        load_config(path)
+    assert len(str(e.value)) < 300
+    path.write_text("a: &a [*a]\n")  # an alias inside itself: a cycle
+    with pytest.raises(ConfigError, match="alias that contains itself"):
+        load_config(path)
+
+
+def test_a_huge_config_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("train:\n" + "  # padding\n" * 30_000)  # 330 KB of comments
+    with pytest.raises(ConfigError, match="larger than 256 KiB"):
+        load_config(path)
+
+
+def test_an_error_never_prints_a_whole_value(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("train: {lr: [" + ", ".join(["1"] * 5000) + "]}\nnoise: {kind: '" + "g" * 100_000 + "'}\n")
+    with pytest.raises(ConfigError, match="config key 'train.lr' must be float") as e:
+        load_config(path)
+    assert len(str(e.value)) < 200
+    with pytest.raises(ConfigError, match="config key 'noise.kind' must be one of") as e:
+        load_config(overrides=["noise.kind=" + "g" * 100_000])
+    assert len(str(e.value)) < 200

@@ -68,3 +68,27 @@ def test_the_summary_ranks_the_tasks_by_best_psnr(sweep_file):
         (3, "not started", None, None)]
     table = format_table(rows).splitlines()
     assert table[0].split()[:3] == ["task", "train.lr", "model.name"] and table[1].split()[0] == "1"
+
+
+def test_the_summary_shows_grid_values_as_given(sweep_file, tmp_path):
+    sweep_file.write_text(sweep_file.read_text().replace("[0.001, 0.002]", "[0.0005, 0.001]"))
+    sweep = load_sweep(sweep_file)
+    task = sweep.tasks()[0]
+    task.output_dir.mkdir(parents=True)
+    (task.output_dir / "metrics.jsonl").write_text('[1, 2]\n{"step": 10, "eval/psnr_db": 12.34567}\n')
+    table = format_table(summary(sweep))
+    assert "0.0005" in table and "0.001 " in table and "12.346" in table
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefg", "bcdefgh")) + "grid: {train.lr: *h}\n", "more than 10,000 values"),
+    ("grid: {train.lr: " + str(list(range(200))) + ", train.seed: " + str(list(range(200))) + "}", "40,000 points"),
+])
+def test_a_sweep_file_that_expands_past_any_sweep_is_refused_at_once(tmp_path, text, words):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=words) as e:
+        load_sweep(path)
+    assert len(str(e.value)) < 300
