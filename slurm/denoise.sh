@@ -71,8 +71,10 @@ requeued() { local n; n=$(grep -cx "$1" "$REQUEUES" 2>/dev/null); echo "${n:-0}"
 echo "[slurm] job $SLURM_JOB_ID run $((RESTARTS + 1)) on $NODES node(s) ($SLURM_JOB_NODELIST)," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
 
-# SLURM_NODEID must be read inside each task (in this shell it is the first node's).
-srun --kill-on-bad-exit=1 --nodes="$NODES" --ntasks-per-node=1 \
+# SLURM_NODEID must be read inside each task (in this shell it is the first node's). Since SLURM
+# 22.05 srun does not take --cpus-per-task from the job: without it, a node's launcher and all
+# its workers would share one core.
+srun --kill-on-bad-exit=1 --nodes="$NODES" --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
     bash -c 'MACHINE_RANK=$SLURM_NODEID exec "$0" "$@"' "$REPO/launch/single_node.sh" output_dir="$OUTPUT_DIR" "$@" &
 step=$!
 # A signal to this shell (e.g. SIGTERM at the time limit) must not stop us from reading the outcome.

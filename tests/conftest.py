@@ -26,7 +26,8 @@ MAIN = REPO / "train" / "main.py"
 # worker (an xdist group), so its runs happen once; other tests go to whichever worker is free.
 _SHARED_RUNS = {"uninterrupted": "interrupted runs", "straight": "fault-tolerance runs",
                 "killed": "fault-tolerance runs", "debug_runs": "debug runs", "two_ranks_bf16": "probe run",
-                "runs": "speed-setting runs", "run_dir": "denoise run"}
+                "runs": "speed-setting runs", "run_dir": "denoise run",
+                "unwritable_runs": "unwritable runs"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks

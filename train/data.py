@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import math
+import shutil
 import socket
 import struct
 from dataclasses import dataclass
@@ -75,9 +76,12 @@ def _download(root: Path, timeout_s: float) -> None:
 
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)  # urllib (inside torchvision) has no timeout of its own: it would wait forever
+    made = [p for p in (root / "MNIST" / "raw", root / "MNIST", root) if not p.exists()]
     try:
         MNIST(root=str(root), download=True)  # fetches, checks and unpacks all four files
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, AssertionError...
+        if made:  # a failed download leaves no half-filled folder that looks like a data set
+            shutil.rmtree(made[-1], ignore_errors=True)
         raise DataError(
             f"MNIST not found in {root / 'MNIST' / 'raw'} and {_why_download_failed(e, root, timeout_s)}: put the four "
             f"MNIST IDX files there or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"

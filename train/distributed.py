@@ -103,8 +103,15 @@ def maybe_join_restart_group(timeout: timedelta, cuda: bool) -> None:
         timeout=timeout)
 
 
+# NCCL's watchdog, on a failed or timed-out collective: 2 aborts the communicators and raises in
+# Python, so each surviving rank records the lost peer (status.json, slurm/denoise.sh's node
+# blame). torchrun sets 1 for its workers, which kills the process before Python runs.
+NCCL_ERROR_HANDLING = "2"
+
+
 def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> Accelerator:
     cuda = torch.cuda.is_available()
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ERROR_HANDLING  # read when the NCCL group is made
     effective = resolve_mixed_precision(mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"), cuda)
     maybe_join_restart_group(timedelta(seconds=collective_timeout_s), cuda)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))
@@ -129,4 +136,5 @@ def describe(accelerator: Accelerator) -> dict[str, object]:
         "backend": backend,
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
+        "nccl_async_error_handling": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"),
     }

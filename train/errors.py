@@ -65,8 +65,12 @@ def lost_peer(e: BaseException) -> str | None:
             f"without the node whose ranks died)")
 
 
-def disk_full(e: BaseException, output_dir: Path | None) -> UserError | None:
-    """The one-line error for a write that failed on a full disk (or quota), else None.
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_failure(e: BaseException, output_dir: Path | None) -> UserError | None:
+    """The one-line error for a write that failed on a full disk (or quota) or into a folder
+    that became read-only, else None.
 
     Full disks surface as OSError(ENOSPC) from Python, but as RuntimeError("file write
     failed") from torch.save, so a failure while output_dir's filesystem is (nearly) full
@@ -74,6 +78,10 @@ def disk_full(e: BaseException, output_dir: Path | None) -> UserError | None:
     path, seen, x = None, set(), e
     while x is not None and id(x) not in seen:  # the exception and what caused it
         seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _UNWRITABLE and x.filename and output_dir is not None and \
+                Path(output_dir).resolve() in (Path(x.filename).resolve(), *Path(x.filename).resolve().parents):
+            return UserError(f"cannot write {x.filename} ({x.strerror}): make it writable again (or move output_dir), "
+                             f"then run the same command to resume from the last intact checkpoint")
         if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
             path = x.filename or output_dir
             break

@@ -32,7 +32,7 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from train.errors import STOP_SIGNALS, StopRequested, UserError, brief, counted, disk_full, lost_peer  # noqa: E402
+from train.errors import STOP_SIGNALS, StopRequested, UserError, brief, counted, lost_peer, write_failure  # noqa: E402
 from train.status import RunStatus  # noqa: E402
 
 
@@ -75,7 +75,10 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         "failed", 1, "the launcher died and this worker could not stop cleanly in time", stuck=True))
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     check_perf(cfg.perf, cfg.train, accelerator)
+    missing = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
     notes += checkpoint.claim_output_dir(accelerator, output_dir)
+    if accelerator.is_main_process and missing:
+        status.made = missing[-1]  # removed again if the run is refused before it starts
     resume_from = checkpoint.pick_resume(accelerator, output_dir, cfg.checkpoint.resume, notes)
 
     # Download once: the global main process first, then (for nodes without a shared
@@ -87,6 +90,11 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     notes += sample_limit_notes(cfg.data, train_split, test_split)
 
     plan = cfg.train.plan(accelerator.num_processes)
+    if not cfg.train.global_batch_size and plan.processes > 1:  # a new user's 2-process run trains at 2x the batch
+        notes.append(f"global batch {plan.global_batch} = {plan.per_device_batch_size} per process x "
+                     f"{plan.processes} processes{f' x {plan.accumulation} accumulation steps' if plan.accumulation > 1 else ''}: "
+                     f"another number of processes changes it (and the run's result); "
+                     f"train.global_batch_size={plan.global_batch} keeps it")
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model.name, **cfg.model.settings())
     notes += apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"error: {peer}", file=sys.stderr, flush=True)
             return 1
-        error = e if isinstance(e, UserError) else disk_full(e, status.output_dir)
+        error = e if isinstance(e, UserError) else write_failure(e, status.output_dir)
         if error is None:  # a bug or a crash: keep the traceback, but record the outcome
             status.record("failed", 1, brief(e))
             raise
@@ -173,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # the outcome is recorded: a stop signal now (a launcher ending the other ranks) is moot
         if "train.preemption" in sys.modules:  # only it installs stop handlers
             sys.modules["train.preemption"].ignore_stop_signals()
+        status.remove_unaccepted()
 
 
 if __name__ == "__main__":

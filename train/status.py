@@ -109,12 +109,28 @@ class RunStatus:
         self.is_main = rank == "0"
         self.step: int | None = None
         self.output_dir: Path | None = None  # known once the config is read
+        self.made: Path | None = None  # the outermost folder this run created for output_dir, until accepted
 
     def accept(self) -> None:
         """From now on also record in OUTPUT_DIR/status.json (`output_dir` is set by then)."""
         path = self.output_dir / STATUS_FILE
         if path not in self.paths:
             self.paths.append(path)
+        self.made = None
+
+    def remove_unaccepted(self) -> None:
+        """A run refused at start-up in a folder it created leaves no folder behind: its lock
+        file goes, then each folder it made, from output_dir up, while it is empty."""
+        if self.made is None:
+            return
+        (self.output_dir / lock.LOCK_FILE).unlink(missing_ok=True)
+        for folder in [self.output_dir, *self.output_dir.parents]:
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty: someone else's files, or ours kept
+            if folder == self.made:
+                return
 
     def record(self, outcome: str, exit_code: int, message: str = "", stuck: bool = False) -> None:
         shared = self.paths if self.is_main or outcome == "failed" else []

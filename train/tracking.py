@@ -18,6 +18,8 @@ from typing import Any, Callable
 import yaml
 from accelerate import Accelerator
 
+from train.errors import UserError, brief
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_KEY = "eval/samples"  # the samples image's key; its PNGs go to OUTPUT_DIR/samples/
 
@@ -73,10 +75,15 @@ class Tracker(NullTracker):
         if wandb_mode != "disabled":
             import wandb  # deferred: slow to import, and only the main process needs it
 
-            # mode is passed explicitly and WANDB_SILENT keeps it from ever prompting.
-            self._wandb = wandb.init(project=wandb_project, group=config["logging"]["wandb_group"] or None,
-                                     dir=str(output_dir), config=config, mode=wandb_mode, id=run_id, resume="allow",
-                                     settings=wandb.Settings(silent=True))
+            if wandb_mode == "online":
+                _check_wandb_reachable()
+            try:  # mode is passed explicitly and WANDB_SILENT keeps it from ever prompting.
+                self._wandb = wandb.init(project=wandb_project, group=config["logging"]["wandb_group"] or None,
+                                         dir=str(output_dir), config=config, mode=wandb_mode, id=run_id,
+                                         resume="allow", settings=wandb.Settings(silent=True))
+            except Exception as e:  # wandb raises its own types (no login, a refused key, a lost server)
+                raise UserError(f"wandb could not start a {wandb_mode} run ({brief(e)}): fix that (wandb login, "
+                                f"WANDB_API_KEY), or use logging.wandb_mode=offline and `wandb sync` later") from e
 
     def _trim_metrics(self, resume: tuple[int, int] | None) -> None:
         """Keep the records the checkpoint had seen, atomically. A line that is not a whole
@@ -156,6 +163,27 @@ class Tracker(NullTracker):
         for tracker in self._others:
             tracker.finish()
         self._others = []
+
+
+WANDB_REACH_S = 10.0  # seconds the wandb server gets to answer before an online run gives up
+
+
+def _check_wandb_reachable() -> None:
+    """Refuse an online run at once when the wandb server does not answer (no network, a
+    firewall): wandb.init would wait 90 s and then raise."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    try:
+        urllib.request.urlopen(url, timeout=WANDB_REACH_S).close()
+    except urllib.error.HTTPError:
+        return  # an answer, whatever its status: the server is there
+    except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
+        raise UserError(f"logging.wandb_mode=online, but the wandb server {url} did not answer within "
+                        f"{WANDB_REACH_S:g} s ({brief(e)}): use logging.wandb_mode=offline (and `wandb sync` later), "
+                        f"or check the network") from None
 
 
 def _start_tracker(name: str, output_dir: Path, run_id: str, config: dict[str, Any]):

@@ -19,9 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
-from train.errors import UserError
+from train.config import read_yaml
+from train.errors import UserError, counted
 from train.tracking import METRICS_FILE, SAMPLES_KEY
 
 REBUILT = "wandb-rebuilt"
@@ -48,15 +47,19 @@ def rebuild(output_dir: Path) -> tuple[Path, str, int]:
     if not metrics_path.is_file():
         raise UserError(f"{metrics_path} not found: give the output_dir of a run that has logged metrics")
     run_id = run_id_of(output_dir)
-    config = yaml.safe_load((output_dir / "config.yaml").read_text())
+    config = read_yaml(output_dir / "config.yaml", f"{output_dir / 'config.yaml'}")
+    if not isinstance(config, dict) or not isinstance(config.get("logging"), dict):
+        raise UserError(f"{output_dir / 'config.yaml'} is not the resolved config a run writes: give a run's output_dir")
     setup_path = output_dir / "setup.json"
     config["setup"] = json.loads(setup_path.read_text()) if setup_path.exists() else {}
     lines = []
     for line in metrics_path.read_text(errors="replace").splitlines():
         try:
-            lines.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            pass  # a torn last line: the next resume drops it too
+            continue  # a torn last line: the next resume drops it too
+        if isinstance(record, dict) and isinstance(record.get("step"), int):  # else not a record of ours
+            lines.append(record)
     target = output_dir / REBUILT
     shutil.rmtree(target, ignore_errors=True)  # ours alone: rebuilt from scratch each time
     target.mkdir()
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"rebuilt wandb run {run_id} from {n} metrics lines in {folder}; upload it with: wandb sync {folder}")
+    print(f"rebuilt wandb run {run_id} from {counted(n, 'metrics line')} in {folder}; upload it with: wandb sync {folder}")
     return 0
 
 

@@ -203,16 +203,25 @@ needs_mount = pytest.mark.skipif(not _can_mount() and os.environ.get("CI") != "t
                                  reason="needs root for a private tmpfs (unshare -m); CI has it")
 
 
-@pytest.mark.slow
-@needs_mount
-def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_resumes(synthetic_mnist, tmp_path):
-    straight = tmp_path / "straight"
+@pytest.fixture(scope="module")
+def unwritable_runs(synthetic_mnist, tmp_path_factory):
+    """The arguments of the full-disk runs, and the weights they end with uninterrupted."""
+    straight = tmp_path_factory.mktemp("straight") / "run"
     args = ["--config", "configs/debug.yaml", f"data.root={synthetic_mnist}", "data.train_samples=4000",
             "data.test_samples=100", "train.epochs=1", "logging.every_n_steps=10", "checkpoint.every_n_steps=50",
             "checkpoint.keep_last=5"]
     assert run_main(args + [f"output_dir={straight}"]).returncode == 0
+    return args, straight
+
+
+@pytest.mark.slow
+@needs_mount
+@pytest.mark.parametrize("mode", ["full", "readonly"])
+def test_a_full_disk_or_a_read_only_folder_is_one_line_keeps_the_checkpoints_and_resumes(unwritable_runs, tmp_path,
+                                                                                         mode):
+    args, straight = unwritable_runs
     probe = REPO / "tests" / "probes" / "disk_full_probe.py"
-    r = subprocess.run(["unshare", "-m", sys.executable, str(probe), str(tmp_path), json.dumps(args)],
+    r = subprocess.run(["unshare", "-m", sys.executable, str(probe), str(tmp_path), json.dumps(args), mode],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -220,7 +229,10 @@ def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_resumes(synthetic_mni
     full = result["full"]
     assert full["returncode"] == 2, full
     [line] = error_lines(full["stderr"])
-    assert line.startswith("error: disk full: writing ") and "MiB free on its filesystem" in line, line
+    if mode == "full":
+        assert line.startswith("error: disk full: writing ") and "MiB free on its filesystem" in line, line
+    else:
+        assert line.startswith("error: cannot write ") and "(Read-only file system): make it writable again" in line
     assert "Traceback" not in full["stderr"]
     assert full["status"]["outcome"] == "failed" and full["status"]["exit_code"] == 2, full["status"]
     assert full["checkpoints"] and all(problem is None for problem in full["checkpoints"].values()), full
@@ -265,6 +277,21 @@ def test_a_stalled_download_times_out_with_one_line(tmp_path, stalled_proxy):
     [line] = error_lines(r.stderr)
     assert "the download stalled: no answer within data.download_timeout_s=1 s (no network?)" in line
     assert "Traceback" not in r.stderr
+    # A failed first run leaves nothing that looks like a data set or a run: no folders at all.
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_wandb_online_without_an_answering_server_is_one_line_at_once(synthetic_mnist, tmp_path, stalled_proxy):
+    _, held = stalled_proxy
+    (url,) = {v for k, v in stalled_proxy[0].items() if k == "http_proxy"}  # the server that never answers
+    t0 = time.time()
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={synthetic_mnist}", f"output_dir={tmp_path / 'run'}",
+                  "logging.wandb_mode=online"], env={"WANDB_BASE_URL": url, "WANDB_API_KEY": "x" * 40}, timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 45 and held, r.stderr[-2000:]
+    [line] = error_lines(r.stderr)
+    assert f"logging.wandb_mode=online, but the wandb server {url} did not answer within 10 s" in line
+    assert "logging.wandb_mode=offline" in line and "Traceback" not in r.stderr
 
 
 def test_a_stop_signal_during_start_up_ends_the_run_at_once(tmp_path, stalled_proxy):
@@ -342,8 +369,8 @@ def test_the_launch_warning_the_readme_explains_is_harmless(tiny_mnist, tmp_path
     r = run_main(["--config", "configs/debug.yaml", f"data.root={tiny_mnist}", f"output_dir={tmp_path / 'run'}",
                   "train.epochs=1"], launcher=[sys.executable, "-m", "accelerate.commands.launch"],
                  env={"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")})
+    # What the README says of it: the run trains as one process, and completes.
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "`--num_processes` was set to a value of `0`" in r.stderr  # the text README.md quotes
-    assert "world_size=1" in r.stdout  # and what it means: one process
-    readme = (REPO / "README.md").read_text()
-    assert "`--num_processes` was\nset to a value of `0`" in readme and "harmless" in readme
+    assert "world_size=1" in r.stdout and json.loads((tmp_path / "run" / "status.json").read_text())["outcome"] == \
+        "completed"
+    assert "harmless: with no flags\naccelerate starts one process" in (REPO / "README.md").read_text()

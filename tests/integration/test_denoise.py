@@ -129,6 +129,13 @@ def test_checkpoint_problems_are_one_line_errors(run_dir, tmp_path, capsys):
     (damaged / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes()[:100])
     (damaged / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     cases.append((damaged, ["could not be loaded into model unet", "damaged"]))
+    for name, text in (("torn", "model: {name: unet\n  train: ["), ("a list", "- model\n- unet\n"),
+                       ("a model that is a string", "model: unet\n")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+        (folder / "config.yaml").write_text(text)
+        cases.append((folder, ["has a config this version cannot read"]))
     for path, words in cases:
         assert main(["--checkpoint", str(path), str(tmp_path / "x.npy"), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
@@ -146,6 +153,26 @@ def test_the_cli_runs_as_a_module_with_one_line_errors(run_dir, tmp_path):
     if not torch.cuda.is_available():
         r = subprocess.run(cmd + ["--device", "cuda", "x.png"], cwd=REPO, env=env, capture_output=True, text=True)
         assert r.returncode == 2 and "no CUDA GPU here" in r.stderr
+    if not torch.backends.mps.is_available():  # a device torch names, absent on this machine
+        r = subprocess.run(cmd + ["--device", "mps", "x.png"], cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--device mps is not a device this machine has" in r.stderr
+
+
+def test_noisy_copies_never_collide_with_another_inputs_output(run_dir, digits, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("b", "b_noisy"):
+        Image.fromarray(digits[0]).save(inputs / f"{name}.png")
+    args = ["--checkpoint", str(run_dir), "--out", str(tmp_path / "out"), str(inputs)]
+    assert main(args + ["--noise-factor", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"inputs {inputs / 'b.png'} and {inputs / 'b_noisy.png'} would both be written to" in err
+    assert not (tmp_path / "out").exists()
+    assert main(args) == 0  # without noisy copies the names do not meet
+    assert capsys.readouterr().out.startswith("denoised 2 images from 2 files")
+    assert main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "one"), str(inputs / "b.png")]) == 0
+    assert capsys.readouterr().out.startswith("denoised 1 image from 1 file with")
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:

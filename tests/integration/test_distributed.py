@@ -48,6 +48,10 @@ def test_world_size_and_accumulation_do_not_change_the_result(synthetic_mnist, t
     # The 2 CPU processes formed one gloo group; the main process alone printed and wrote.
     setup = json.loads((tmp_path / "2x10" / "setup.json").read_text())
     assert (setup["distributed_type"], setup["world_size"], setup["backend"]) == ("MULTI_CPU", 2, "gloo")
+    # NCCL's watchdog would raise into Python, not kill the process (the launcher set "1").
+    assert setup["nccl_async_error_handling"] == "2"
+    assert ("global batch 20 = 10 per process x 2 processes: another number of processes changes it (and the "
+            "run's result); train.global_batch_size=20 keeps it") in stdout["2x10"]
     assert stdout["2x10"].count("setup:") == 1 and stdout["2x10"].count("test PSNR") == 2  # 2 epochs
     lines = read_metrics(tmp_path / "2x10")
     assert len({json.dumps(m, sort_keys=True) for m in lines}) == len(lines)  # no line written twice

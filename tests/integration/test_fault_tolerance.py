@@ -164,6 +164,7 @@ def test_a_changed_learning_rate_is_the_one_a_resumed_run_trains_at(synthetic_mn
     shutil.copytree(straight, out)
     r = _ok(run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3", "train.lr=0.0001"]))
     assert "the optimizer runs this run's settings, not the checkpoint's: lr 0.001 -> 0.0001" in r.stdout
+    assert "written by 1 process, now 1)" in r.stdout
     resumed = [m for m in read_metrics(out) if "train/lr" in m and m["step"] > 40]
     assert resumed and all(m["train/lr"] == 0.0001 for m in resumed)
     assert json.loads((out / "setup.json").read_text())["lr"] == 0.0001
@@ -178,6 +179,29 @@ def test_a_schedule_change_against_an_older_constant_run_says_what_the_checkpoin
     assert r.returncode == 2 and "None" not in line, line
     assert "train.lr_schedule: saved: none (a constant learning rate), now 'cosine'" in line
     assert "resume with its settings (train.lr_schedule=constant train.warmup_steps=0)" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("view", ["listing", "content"])
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose_or_the_run_refuses(synthetic_mnist, tmp_path, straight,
+                                                                                view):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3",
+                        "train.global_batch_size=20"], launcher=accelerate_cpu(2), env={"PROBE_VIEW": view},
+                 script=REPO / "tests" / "probes" / "resume_view_probe.py")
+    views = [(tmp_path / f"view-rank{rank}.txt").read_text() for rank in (0, 1)]
+    newest = out / "checkpoints" / "step_00000040"
+    if view == "listing":  # rank 1 sees no checkpoint, yet resumes from rank 0's choice
+        _ok(r)
+        assert views == [f"{newest} 40"] * 2 and read_metrics(out)[-1]["step"] == 60
+        return
+    assert r.returncode != 0 and views == [f"{newest} 40", f"{newest} 36"]
+    [line] = error_lines(r.stderr)
+    assert line == (f"error: the ranks read different progress from {newest} (rank 0: step 40, rank 1: step 36): "
+                    f"output_dir must be on a filesystem that every node shares and sees alike; nothing was trained "
+                    f"or changed")
+    assert _status(out)["outcome"] == "completed"  # the refused run left the finished run's record
 
 
 def _edit_state(ckpt: Path, **fields) -> None:

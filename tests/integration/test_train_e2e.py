@@ -204,6 +204,16 @@ def test_collapsed_run_stops_with_one_line_and_keeps_the_checkpoints_before(synt
     assert json.loads((out / "status.json").read_text())["outcome"] == "failed"
 
 
+def test_a_healthy_run_scored_on_one_test_image_is_not_called_collapsed(synthetic_mnist, tmp_path):
+    out = tmp_path / "out"
+    r = _ok(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.test_samples=1",
+                              "train.epochs=1", "eval.collapse_check_from_step=0"]))
+    assert "eval.min_output_std is not applied: it compares test images, and there is only one" in r.stdout
+    assert "(1 run), checkpoints" in r.stdout
+    [ev] = [m for m in read_metrics(out) if "eval/mse" in m]
+    assert ev["eval/images"] == 1 and ev["eval/output_std"] == 0  # below eval.min_output_std, yet it completed
+
+
 def test_unet_with_salt_and_pepper_per_sample_levels_trains(synthetic_mnist, tmp_path):
     out = tmp_path / "out"
     r = _ok(run_main(QUICK + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.test_samples=200",

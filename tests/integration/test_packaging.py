@@ -1,0 +1,50 @@
+"""What `pip install .` (a wheel, as on a cluster image) holds, and the versions it may pull."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib.metadata import version
+
+from conftest import REPO
+
+
+def test_the_wheel_holds_every_module_of_the_package(tmp_path):
+    src = tmp_path / "src"  # a copy: building in the clone would leave build/ there
+    shutil.copytree(REPO / "train", src / "train", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    held = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    ours = {str(p.relative_to(REPO)) for p in (REPO / "train").rglob("*.py")}
+    assert ours <= held, f"missing from the wheel: {sorted(ours - held)}"
+    assert "train/speed/cpu_layers.py" in held
+
+
+def test_what_is_installed_is_within_the_bounds_the_project_declares():
+    """The suite runs on what a fresh install of pyproject.toml gets: each bounded package's
+    installed version lies inside its bounds (a bound CI does not meet is untested)."""
+    import pytest
+    from packaging.requirements import Requirement  # accelerate's dependency
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for req in requirements:
+        assert any(spec.operator == "<" for spec in req.specifier), f"{req.name} has no upper bound"
+        assert req.specifier.contains(version(req.name), prereleases=True), (req.name, version(req.name))
+
+
+def test_what_the_quick_start_writes_is_left_out_of_git():
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        import pytest
+
+        pytest.skip("not a git checkout")
+    paths = ["outputs/default/run.lock", "data/MNIST/raw/train-images-idx3-ubyte", "denoised/digit.png"]
+    r = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True)
+    assert r.stdout.split() == paths, r.stdout + r.stderr

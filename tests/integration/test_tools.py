@@ -1,0 +1,46 @@
+"""The small commands beside training (train.status, train.wandb_rebuild) on files a person or
+a crash left odd: one line and exit 2, or the part that is sound, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from conftest import ENV, REPO, error_lines
+from train.config import Config
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **ENV})
+
+
+def test_the_status_command_on_a_record_that_is_not_whole(tmp_path):
+    for record in ({"outcome": "completed"}, {"outcome": "failed", "exit_code": "2"}, [1, 2]):
+        (tmp_path / "status.json").write_text(json.dumps(record))
+        r = _run("train.status", str(tmp_path))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert error_lines(r.stderr) == [f"error: {tmp_path / 'status.json'} is missing or not a whole status record "
+                                         f"(outcome and exit_code): no run recorded there"]
+    (tmp_path / "status.json").write_text(json.dumps({"outcome": "completed", "exit_code": 0}))
+    assert _run("train.status", str(tmp_path)).stdout == "completed 0\n"
+
+
+def test_wandb_rebuild_skips_metrics_lines_that_are_not_records(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000001" / "trainer_state.json").write_text(json.dumps({"run_id": "abcd1234"}))
+    (out / "config.yaml").write_text(yaml.safe_dump(Config().to_dict()))
+    (out / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"no step": 1}\n{"step": 1, "train/loss": 0.5}\n{"st')
+    r = _run("train.wandb_rebuild", str(out))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "rebuilt wandb run abcd1234 from 1 metrics line in" in r.stdout
+    for text in ("[torn", "- a list\n"):  # a config.yaml torn, or not the one a run writes
+        (out / "config.yaml").write_text(text)
+        r = _run("train.wandb_rebuild", str(out))
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(error_lines(r.stderr)) == 1, r.stderr
+        assert str(out / "config.yaml") in r.stderr
