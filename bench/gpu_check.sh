@@ -5,7 +5,7 @@
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full profile20 tests restart_group epoch_order tuning profile_large
+# STEPs (default: all, in this order): speed full profile20 tests graphs_resume restart_group epoch_order tuning profile_large
 # profile_steady quality pad20 check results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
@@ -60,6 +60,11 @@ if want profile20; then
     profile b20_graphs 90 300 $GRAPHS perf.cudnn_benchmark=true
 fi
 want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider tests
+# An eager checkpoint resumed under CUDA graphs: the optimizer must come back capturable
+# (checkpoint.load keeps the run's own optimizer settings), or the capture fails.
+want graphs_resume && step graphs_resume 120 bash -c "python train/main.py --config configs/debug.yaml \
+    data.root=$MNIST_ROOT output_dir=$WORK/graphs_resume train.epochs=1 && python train/main.py \
+    --config configs/debug.yaml data.root=$MNIST_ROOT output_dir=$WORK/graphs_resume train.epochs=2 $GRAPHS"
 # NCCL's side of the group a worker of torchrun (and of accelerate launch) forms on the agent's
 # store (train/distributed.py: maybe_join_restart_group), never run on a GPU before.
 want restart_group && step restart_group 120 python -m torch.distributed.run --nproc-per-node=1 --max-restarts=1 \
