@@ -5,7 +5,7 @@
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full profile20 tests graphs_resume restart_group epoch_order tuning profile_large
+# STEPs (default: all, in this order): speed full profile20 tests graphs_resume exact restart_group epoch_order tuning profile_large
 # profile_steady quality pad20 check results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
@@ -65,6 +65,12 @@ want tests && step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider 
 want graphs_resume && step graphs_resume 120 bash -c "python train/main.py --config configs/debug.yaml \
     data.root=$MNIST_ROOT output_dir=$WORK/graphs_resume train.epochs=1 && python train/main.py \
     --config configs/debug.yaml data.root=$MNIST_ROOT output_dir=$WORK/graphs_resume train.epochs=2 $GRAPHS"
+# train.exact_reduction on one GPU: its cost beside the default reduction, and fp16's loss
+# scaler through the integer sums (4 micro-steps of 5 images per step), never run on a GPU yet.
+want exact && step exact 240 bash -c "python bench/exact_reduction.py --data $MNIST_ROOT --device cuda \
+    --processes 1 --per-device 20 --rounds 3 --steps 600 --out $OUT/exact_reduction.json && python train/main.py \
+    --config configs/debug.yaml data.root=$MNIST_ROOT output_dir=$WORK/exact_fp16 train.exact_reduction=true \
+    train.global_batch_size=20 train.per_device_batch_size=5 train.mixed_precision=fp16 train.max_steps=300"
 # NCCL's side of the group a worker of torchrun (and of accelerate launch) forms on the agent's
 # store (train/distributed.py: maybe_join_restart_group), never run on a GPU before.
 want restart_group && step restart_group 120 python -m torch.distributed.run --nproc-per-node=1 --max-restarts=1 \

@@ -125,19 +125,26 @@ def interruptible(data_root: Path, out: Path, nproc: int) -> list[str]:
     return INTERRUPTIBLE + [f"data.root={data_root}", f"output_dir={out}", "train.global_batch_size=20"]
 
 
+# train.exact_reduction at INTERRUPTIBLE's global batch of 20: forward passes of 5 images, so
+# 1, 2 and 4 ranks take 4, 2 and 1 micro-steps per optimizer step.
+EXACT = ["train.exact_reduction=true", "train.per_device_batch_size=5"]
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(synthetic_mnist, tmp_path_factory):
-    """`uninterrupted(nproc)`: the final weights of INTERRUPTIBLE on `nproc` ranks, trained once per session."""
+    """`uninterrupted(nproc, *overrides)`: the final weights of INTERRUPTIBLE (and `overrides`)
+    on `nproc` ranks, trained once per session."""
     weights = {}
 
-    def get(nproc: int) -> dict:
-        if nproc not in weights:
+    def get(nproc: int, *overrides: str) -> dict:
+        key = (nproc, *overrides)
+        if key not in weights:
             out = tmp_path_factory.mktemp(f"uninterrupted{nproc}") / "run"
-            r = run_main(interruptible(synthetic_mnist, out, nproc),
+            r = run_main(interruptible(synthetic_mnist, out, nproc) + list(overrides),
                          launcher=accelerate_cpu(nproc) if nproc > 1 else None)
             assert r.returncode == 0, r.stderr[-3000:]
-            weights[nproc] = load_weights(out)
-        return weights[nproc]
+            weights[key] = load_weights(out)
+        return weights[key]
 
     return get
 

@@ -202,11 +202,14 @@ def compat_of(cfg, plan, mixed_precision: str) -> dict[str, object]:
     into optimizer steps), the seed, the data, the precision, and where the learning rate
     depends on the step, its schedule. (`cfg`: the run's Config; `plan`: its BatchPlan.)"""
     tc = cfg.train
+    # The forward passes of a step: exact reduction fixes each one's images on any world size.
+    batches = ({"train.exact_reduction": True, "train.per_device_batch_size": plan.per_device_batch_size,
+                "train.global_batch_size": plan.global_batch} if tc.exact_reduction else
+               {"global_micro_batch": plan.global_micro_batch, "train.gradient_accumulation_steps": plan.accumulation})
     compat = {
         "model.name": cfg.model.name,
         **({"model.settings": cfg.model.settings()} if cfg.model.settings() else {}),  # they set the weights' shapes
-        "global_micro_batch": plan.global_micro_batch,
-        "train.gradient_accumulation_steps": plan.accumulation,
+        **batches,
         "train.seed": tc.seed,
         "data.train_samples": cfg.data.train_samples,
         "mixed_precision": mixed_precision,

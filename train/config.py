@@ -189,6 +189,10 @@ class TrainConfig:
     """clip the global L2 norm of the gradients to this; 0 disables"""
     collective_timeout_s: int = 600
     """seconds a rank waits for the others in a collective before failing (a dead rank must not hang the job)"""
+    exact_reduction: bool = False
+    """sum gradients as fixed-point integers (train/exact.py), so the weights are bit-identical on
+    any number of processes of one device kind: per_device_batch_size images per forward pass,
+    global_batch_size per optimizer step, the micro-steps between from the world size"""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -212,12 +216,26 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
         _check(self.collective_timeout_s >= 10, "train.collective_timeout_s",
                f"must be >= 10 seconds, got {self.collective_timeout_s}")
+        if self.exact_reduction:
+            _check(self.global_batch_size > 0, "train.global_batch_size",
+                   "must be set (> 0) with train.exact_reduction=true: the images per optimizer step")
+            _check(self.global_batch_size % self.per_device_batch_size == 0, "train.global_batch_size",
+                   f"({self.global_batch_size}) must be a multiple of train.per_device_batch_size "
+                   f"({self.per_device_batch_size}) with train.exact_reduction=true")
+            _check(self.gradient_accumulation_steps == 1, "train.gradient_accumulation_steps",
+                   "must stay 1 with train.exact_reduction=true: the micro-steps follow from the world size")
 
     def plan(self, processes: int) -> "BatchPlan":
         """The run's batch sizes and peak learning rate on `processes` processes."""
         accumulation = self.gradient_accumulation_steps
         per_device = self.per_device_batch_size
-        if self.global_batch_size:
+        if self.exact_reduction:  # the forward batch is fixed; the micro-steps follow
+            accumulation, left = divmod(self.global_batch_size, per_device * processes)
+            _check(accumulation >= 1 and left == 0, "train.global_batch_size",
+                   f"({self.global_batch_size}) is not a whole number of forward passes of {per_device} images "
+                   f"on each of {processes} processes (train.exact_reduction=true): launch a number of processes "
+                   f"that divides {self.global_batch_size // per_device}, or change train.per_device_batch_size")
+        elif self.global_batch_size:
             per_device, left = divmod(self.global_batch_size, processes * accumulation)
             _check(per_device >= 1 and left == 0, "train.global_batch_size",
                    f"({self.global_batch_size}) does not split evenly over {processes} processes x {accumulation} "

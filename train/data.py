@@ -153,10 +153,16 @@ class EpochOrder:
     The remainder (len % G samples, fewer than one global batch) is left out of that epoch,
     for every world size alike; the sampler's padding, which lies past the last full global
     batch, is never used. Shuffling changes which samples are left out each epoch.
+
+    With `blocked` (train.exact_reduction), rank r's k-th batch is instead the block of
+    positions [(k*world + r)*b, (k*world + r + 1)*b): each forward pass holds the same images on
+    any world size, and an optimizer step of a global batches' worth of forward passes the same
+    positions.
     """
 
-    def __init__(self, num_samples: int, per_device_batch_size: int, num_replicas: int, rank: int, seed: int):
-        self.per_device_batch_size = per_device_batch_size
+    def __init__(self, num_samples: int, per_device_batch_size: int, num_replicas: int, rank: int, seed: int,
+                 blocked: bool = False):
+        self.per_device_batch_size, self.blocked = per_device_batch_size, blocked
         global_micro_batch = per_device_batch_size * num_replicas
         self.steps_per_epoch = num_samples // global_micro_batch  # micro-steps
         if self.steps_per_epoch == 0:
@@ -181,8 +187,12 @@ class EpochOrder:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_samples, generator=generator)
         global_micro_batch = self.per_device_batch_size * self.num_replicas
-        used = order[self.rank : self.steps_per_epoch * global_micro_batch : self.num_replicas].contiguous()
-        used = used.view(self.steps_per_epoch, self.per_device_batch_size)
+        if self.blocked:
+            used = order[: self.steps_per_epoch * global_micro_batch].view(
+                self.steps_per_epoch, self.num_replicas, self.per_device_batch_size)[:, self.rank].contiguous()
+        else:
+            used = order[self.rank : self.steps_per_epoch * global_micro_batch : self.num_replicas].contiguous()
+            used = used.view(self.steps_per_epoch, self.per_device_batch_size)
         if device.type == "cuda":  # the one host-to-device copy of an epoch, off the critical path
             return used.pin_memory().to(device, non_blocking=True)
         return used.to(device)

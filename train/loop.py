@@ -24,6 +24,7 @@ from train.checkpoint import TrainerState
 from train.config import BatchPlan, Config
 from train.data import EpochOrder, Split
 from train.errors import UserError, counted
+from train.exact import ExactReduction
 from train.preemption import Preempted, StopFlag, maybe_inject_fault
 from train.tracking import SAMPLES_KEY, NullTracker
 
@@ -82,6 +83,11 @@ class Schedule:
 def schedule_of(cfg: Config, plan: BatchPlan, num_samples: int) -> Schedule:
     """The run's schedule over `num_samples` training images."""
     micro_steps = EpochOrder(num_samples, plan.per_device_batch_size, plan.processes, 0, cfg.train.seed).steps_per_epoch
+    if cfg.train.exact_reduction:  # whole global batches only: the same optimizer steps on any world size
+        micro_steps = num_samples // plan.global_batch * plan.accumulation
+        if micro_steps == 0:
+            raise UserError(f"the training set ({num_samples} images) is smaller than train.global_batch_size "
+                            f"({plan.global_batch}): lower it or use more data")
     return Schedule(micro_steps, plan.accumulation, cfg.train.epochs, cfg.train.max_steps)
 
 
@@ -180,7 +186,10 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         tc = cfg.train
         self.order = EpochOrder(len(train_split), plan.per_device_batch_size, plan.processes,
-                                accelerator.process_index, tc.seed)
+                                accelerator.process_index, tc.seed, blocked=tc.exact_reduction)
+        # train.exact_reduction: gradients summed as integers over every forward pass of a step.
+        self.forward_passes = plan.global_batch // plan.per_device_batch_size  # per optimizer step, all ranks
+        self.exact = ExactReduction(model, self.forward_passes, accelerator.device) if tc.exact_reduction else None
         self.schedule = schedule_of(cfg, plan, len(train_split))
         self.scheduled_lr = tc.lr_schedule != "constant" or tc.warmup_steps > 0
         self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
@@ -204,7 +213,7 @@ class Trainer:
         layout, would drift from an uninterrupted one. Zero input, gradients discarded: the
         weights and optimizer state are untouched.
         """
-        if self.accelerator.num_processes < 2:
+        if self.accelerator.num_processes < 2 or self.exact is not None:  # exact: DDP never reduces
             return
         dummy = torch.zeros(1, *self.train_split.images.shape[1:], device=self.accelerator.device)
         self.accelerator.backward(self.model(dummy).float().sum())
@@ -213,7 +222,7 @@ class Trainer:
     # -- one micro-step ------------------------------------------------------------------
     def _micro_step(self, clean: torch.Tensor, noisy: torch.Tensor, micro_step: int) -> torch.Tensor:
         """Forward and backward of one micro-batch of clean targets and noisy inputs."""
-        boundary = self.schedule.is_boundary(micro_step)
+        boundary = self.schedule.is_boundary(micro_step) and self.exact is None
         # We pick the sync step ourselves instead of `accelerator.accumulate`: that one keys the
         # end of an epoch off a prepared DataLoader, which this job does not use (it would
         # shard the sampler twice). `no_sync` skips DDP's all-reduce on non-boundary steps.
@@ -223,9 +232,17 @@ class Trainer:
             loss = F.mse_loss(out.float(), clean)  # fp32 loss, whatever the autocast dtype
             # Mean over the window's samples: a short last window weighs its micro-batches
             # up, so every optimizer step sees the mean gradient of the images it used.
-            # (accelerator.backward divides by its own accumulation steps, 1 here.)
-            self.accelerator.backward(loss / self.schedule.window_len(micro_step))
+            # (accelerator.backward divides by its own accumulation steps, 1 here.) Exact:
+            # each pass weighs 1/passes of the global step, the same on any world size.
+            passes = self.forward_passes if self.exact is not None else self.schedule.window_len(micro_step)
+            self.accelerator.backward(loss / passes)
+        if self.exact is not None:
+            self.exact.add(self._grad_scale())
         return loss.detach()
+
+    def _grad_scale(self) -> float:
+        """fp16's current loss scale (a power of two; a host sync), else 1."""
+        return self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
 
     def _maybe_set_lr(self) -> None:
         """The scheduled learning rate of the coming optimizer step (a function of the step)."""
@@ -236,6 +253,8 @@ class Trainer:
             group["lr"] = lr
 
     def _optimizer_step(self) -> None:
+        if self.exact is not None:
+            self.exact.reduce(self.accelerator, self._grad_scale())
         if self.cfg.train.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()  # under fp16, the scaler skips steps with inf/NaN gradients

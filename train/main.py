@@ -75,6 +75,10 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         "failed", 1, "the launcher died and this worker could not stop cleanly in time", stuck=True))
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     check_perf(cfg.perf, cfg.train, accelerator)
+    if cfg.train.exact_reduction:
+        from train.exact import pin_kernels
+
+        notes += pin_kernels(accelerator.device)
     missing = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
     notes += checkpoint.claim_output_dir(accelerator, output_dir)
     if accelerator.is_main_process and missing:
@@ -105,7 +109,10 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
         state = checkpoint.load(accelerator, resume_from, state.compat, optimizer,
                                 defaults={"model.settings": cfg.model.default_settings()}, notes=notes)
         checkpoint.check_same_state(accelerator, state, resume_from)
-        schedule_of(cfg, plan, len(train_split)).check_resume(state, resume_from)
+        schedule = schedule_of(cfg, plan, len(train_split))
+        if cfg.train.exact_reduction:  # micro-steps of another world size: the position is its optimizer steps
+            state.micro_step = (state.step - state.epoch * schedule.steps_per_epoch) * schedule.accumulation
+        schedule.check_resume(state, resume_from)
     status.accept()  # only now: a refused resume leaves the folder as it was
     status.step = state.step
     status.record("running", 0)

@@ -17,6 +17,9 @@ from train.distributed import LaunchError
 
 def check_perf(perf: PerfConfig, train: TrainConfig, accelerator: Accelerator) -> None:
     """Refuse speed settings this launch cannot honour, before any work is done."""
+    if train.exact_reduction and (perf.cudnn_benchmark or perf.cuda_graphs):
+        raise LaunchError("train.exact_reduction=true needs the same kernels on every world size: set "
+                          "perf.cudnn_benchmark=false and perf.cuda_graphs=false (or train.exact_reduction=false)")
     if not perf.cuda_graphs:
         return
     problems = []

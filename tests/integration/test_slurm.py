@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import INTERRUPTIBLE, REPO, interruptible, load_weights, read_metrics, wait_for_metrics
+from conftest import EXACT, INTERRUPTIBLE, REPO, interruptible, load_weights, read_metrics, wait_for_metrics
 
 pytestmark = pytest.mark.slow
 # Seconds a job may wait in the queue: the tests share three nodes, and under two pytest
@@ -136,7 +136,7 @@ def _assert_rerun_without(bad: str, tmp_path: Path, proc: subprocess.Popen, job:
     assert json.loads((out / "status.json").read_text())["outcome"] == "completed"
     steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
     assert steps == list(range(10, 101, 10))  # gap-free
-    if weights is not None:  # the same ranks: bit-identical to a run without the fault
+    if weights is not None:  # bit-identical to a run without the fault
         a = load_weights(out)
         assert all(torch.equal(a[k], weights[k]) for k in a)
     return log
@@ -146,8 +146,9 @@ def _assert_rerun_without(bad: str, tmp_path: Path, proc: subprocess.Popen, job:
 # one (SLURM_NODEID 1, ranks 2-3 or rank 1) is the one that fails.
 def test_a_node_whose_ranks_die_is_left_out_and_the_job_resumes_on_the_others(slurm, synthetic_mnist, uninterrupted,
                                                                               tmp_path):
+    # train.exact_reduction: the job ends bit-identical to an uninterrupted run on one process.
     out = tmp_path / "run"
-    proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["checkpoint.every_n_steps=20"])
+    proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["checkpoint.every_n_steps=20"] + EXACT)
     wait_for_metrics(out, proc, lines=3, log=lambda: log_of(tmp_path), timeout=QUEUED_S)
     job = job_of(tmp_path)
     bad = hostnames(job_field(job, "NodeList"))[1]
@@ -155,7 +156,7 @@ def test_a_node_whose_ranks_die_is_left_out_and_the_job_resumes_on_the_others(sl
     assert len(victims) == 2 and (out / "checkpoints").is_dir(), victims
     for pid in victims:  # that node's ranks die without a word (a GPU falls off the bus, the OOM killer)
         os.kill(pid, signal.SIGKILL)
-    log = _assert_rerun_without(bad, tmp_path, proc, job, out, uninterrupted(4))
+    log = _assert_rerun_without(bad, tmp_path, proc, job, out, uninterrupted(1, *EXACT))
     assert "error: lost contact with another rank" in log, log
 
 
