@@ -48,3 +48,8 @@ def test_a_world_size_that_does_not_divide_the_forward_passes_is_one_line(synthe
     [line] = error_lines(r.stderr)
     assert "is not a whole number of forward passes of 5 images on each of 3 processes" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_autocast_is_bit_identical_on_one_and_two_processes(uninterrupted):
+    bf16 = [*EXACT, "train.mixed_precision=bf16", "train.max_steps=30"]
+    assert _equal(uninterrupted(1, *bf16), uninterrupted(2, *bf16))

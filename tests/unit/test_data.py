@@ -97,3 +97,17 @@ def test_eval_shards_cover_the_test_set_exactly_once(world):
 def test_too_small_dataset_for_one_global_batch():
     with pytest.raises(Exception, match="smaller than one global micro-batch"):
         EpochOrder(10, 8, 2, 0, 0)
+
+
+def test_the_blocked_order_gives_each_forward_pass_the_same_images_on_any_world_size():
+    import torch
+
+    from train.data import EpochOrder
+
+    cpu = torch.device("cpu")
+    one = EpochOrder(100, 5, 1, 0, seed=3, blocked=True).epoch_indices(2, cpu)  # (20, 5): pass k
+    for world in (2, 4):
+        ranks = [EpochOrder(100, 5, world, r, seed=3, blocked=True).epoch_indices(2, cpu) for r in range(world)]
+        # Micro-step m of rank r runs pass m * world + r.
+        passes = torch.stack(ranks, 1).reshape(-1, 5)
+        assert torch.equal(passes, one)
