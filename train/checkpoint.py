@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from train.errors import UserError, brief
-from train.lock import RunLock
+from train.lock import LOCK_FILE, RunLock
 from train.preemption import maybe_inject_fault
 from train.status import STALE_RUN, STATUS_FILE, read_status, write_status
 
@@ -220,17 +220,35 @@ def compat_of(cfg, plan, mixed_precision: str) -> dict[str, object]:
     return compat
 
 
-def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> list[str]:
+def _foreign_files(output_dir: Path) -> list[str]:
+    """What output_dir holds that no run of ours wrote: everything, unless a run of ours has
+    claimed it before (its run.lock or its status record is there); slurm/denoise.sh's job
+    records are its own."""
+    lock = output_dir / LOCK_FILE
+    previous = read_status(output_dir / STATUS_FILE)
+    if not output_dir.is_dir() or lock.exists() or lock.is_symlink() or (previous is not None and "node" in previous):
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if not p.name.startswith((".job-", ".requeues-")))
+
+
+def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> tuple[list[str], RunLock | None]:
     """Create output_dir and take its run lock (the main process), before anything in it is read
-    or changed; every rank learns the outcome. Then, holding the lock, it records a killed
-    run's stale `running` as failed and removes unfinished saves. Returns notes for the log."""
-    notes, error = [], None
+    or changed, refusing a folder that holds files no run of ours wrote; every rank learns the
+    outcome. Then, holding the lock, it records a killed run's stale `running` as failed and
+    removes unfinished saves. Returns notes for the log, and the lock (main process only)."""
+    notes, error, lock = [], None, None
     if accelerator.is_main_process:
         try:
+            foreign = _foreign_files(output_dir)
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise UserError(f"output_dir {output_dir} already holds files no run wrote ({shown}): choose an "
+                                f"empty or new folder; nothing there was changed")
             output_dir.mkdir(parents=True, exist_ok=True)
             if not os.access(output_dir, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-            warning = RunLock(output_dir).acquire()  # held until this process ends
+            lock = RunLock(output_dir)
+            warning = lock.acquire()  # held until this process ends
             notes += [warning] if warning else []
             previous = read_status(output_dir / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
@@ -248,7 +266,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> list[str]:
         error = broadcast_object_list([error])[0]
     if error is not None:
         raise UserError(error)
-    return notes
+    return notes, lock
 
 
 def pick_resume(accelerator: Accelerator, output_dir: Path, resume: str, notes: list[str]) -> Path | None:

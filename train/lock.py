@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from train.errors import UserError
+from train.files import open_no_link
 
 LOCK_FILE = "run.lock"
 _BUSY = (errno.EAGAIN, errno.EACCES)  # what lockf says when another process holds the lock
@@ -28,17 +29,22 @@ class OutputDirInUse(UserError):
     """Another live run holds this output_dir."""
 
 
+class FolderLost(UserError):
+    """The run's folder, or its run.lock, was deleted or replaced while the run held it."""
+
+
 class RunLock:
     """Held from `acquire()` until this process ends."""
 
     def __init__(self, output_dir: Path) -> None:
         self.path = Path(output_dir) / LOCK_FILE
+        self.identity: tuple[int, int] | None = None  # (device, inode) of the file locked
 
     def acquire(self, wait_s: float = 1.0) -> str | None:
         """Take the lock, or raise OutputDirInUse naming the holder. Returns a warning when the
         filesystem cannot lock (the run then goes on unlocked), else None. `wait_s` rides out
         a status probe (`python -m train.status`), which holds the lock for microseconds."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_link(self.path, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -60,7 +66,26 @@ class RunLock:
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
         return None
+
+    def check(self) -> None:
+        """Raise FolderLost unless run.lock is still the file this process locked. A lock lives
+        on the file, not its name: a deleted lock file (or `rm -rf output_dir`) would let a
+        second run in, so the holder checks before each write it makes."""
+        if self.identity is None:
+            return  # the filesystem has no locks: nothing to keep
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+            same = (st.st_dev, st.st_ino) == self.identity
+        except OSError:
+            same = False
+        if not same:
+            raise FolderLost(
+                f"{self.path} was deleted or replaced while this run held it (output_dir removed, or the lock file "
+                f"deleted): another run may be using {self.path.parent}; this run stopped without writing there "
+                f"again. Check the folder, then run the same command to resume from its last intact checkpoint")
 
 
 def describe_holder(path: Path) -> str:

@@ -405,6 +405,7 @@ class Trainer:
             with self._timed("evaluation"):
                 self._evaluate(eval_epoch)
         self.state.metrics_lines = self.tracker.lines  # what a resume from this checkpoint keeps
+        self.tracker.check_folder()  # never save into a folder another run may now hold
         with self._timed("checkpoints"):
             checkpoint.save(self.accelerator, self.output_dir, self.state, self.cfg.checkpoint.keep_last)
         window.restart()

@@ -33,6 +33,7 @@ if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from train.errors import STOP_SIGNALS, StopRequested, UserError, brief, counted, lost_peer, write_failure  # noqa: E402
+from train.lock import FolderLost  # noqa: E402
 from train.status import RunStatus  # noqa: E402
 
 
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
 
         notes += pin_kernels(accelerator.device)
     missing = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
-    notes += checkpoint.claim_output_dir(accelerator, output_dir)
+    claimed, lock = checkpoint.claim_output_dir(accelerator, output_dir)
+    notes += claimed
     if accelerator.is_main_process and missing:
         status.made = missing[-1]  # removed again if the run is refused before it starts
     resume_from = checkpoint.pick_resume(accelerator, output_dir, cfg.checkpoint.resume, notes)
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
                             resume=(state.step, state.metrics_lines) if resume_from is not None else None,
-                            trackers=cfg.logging.trackers)
+                            trackers=cfg.logging.trackers, lock=lock)
     tracker.write_run_files(cfg.to_dict(), setup)
     log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"error: {peer}", file=sys.stderr, flush=True)
             return 1
+        if isinstance(e, FolderLost):
+            status.disown()
         error = e if isinstance(e, UserError) else write_failure(e, status.output_dir)
         if error is None:  # a bug or a crash: keep the traceback, but record the outcome
             status.record("failed", 1, brief(e))

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from train import lock
+from train.files import open_no_link, write_atomic
 
 STATUS_FILE = "status.json"
 STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out of memory or a lost node); "
@@ -53,18 +54,18 @@ def write_status(path: Path, outcome: str, exit_code: int, step: int | None = No
     if stuck:
         record["stuck"] = True
     data = (json.dumps(record) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomic(path, data)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
             raise
-        tmp.unlink(missing_ok=True)
-        with path.open("r+b") as f:
-            f.write(data)
-            f.truncate()
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+        fd = open_no_link(path, os.O_WRONLY)
+        try:
+            os.write(fd, data)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
 
 
 def read_status(path: Path) -> dict | None:
@@ -106,6 +107,8 @@ class RunStatus:
         rank = os.environ.get("RANK", "0")
         self.own = Path(from_env.replace("{rank}", rank)) if "{rank}" in from_env else None
         self.paths = [Path(from_env)] if from_env and self.own is None else []
+        for path in self.paths + ([self.own] if self.own is not None else []):
+            path.parent.mkdir(parents=True, exist_ok=True)  # the job's folder; never output_dir (see disown)
         self.is_main = rank == "0"
         self.step: int | None = None
         self.output_dir: Path | None = None  # known once the config is read
@@ -116,6 +119,13 @@ class RunStatus:
         path = self.output_dir / STATUS_FILE
         if path not in self.paths:
             self.paths.append(path)
+        self.made = None
+
+    def disown(self) -> None:
+        """Stop recording in OUTPUT_DIR/status.json: the folder is no longer this run's (deleted,
+        or its lock taken), and writing there could recreate it or speak for another run."""
+        if self.output_dir is not None:
+            self.paths = [p for p in self.paths if p != self.output_dir / STATUS_FILE]
         self.made = None
 
     def remove_unaccepted(self) -> None:

@@ -9,6 +9,7 @@ shown. The exceptions: checkpoints, which every rank writes, and status.json
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -19,6 +20,8 @@ import yaml
 from accelerate import Accelerator
 
 from train.errors import UserError, brief
+from train.files import append_line, write_atomic
+from train.lock import RunLock
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_KEY = "eval/samples"  # the samples image's key; its PNGs go to OUTPUT_DIR/samples/
@@ -58,6 +61,9 @@ class NullTracker:
     def finish(self) -> None:
         pass
 
+    def check_folder(self) -> None:
+        pass
+
 
 class Tracker(NullTracker):
     """The main process's tracker. `resume` trims metrics.jsonl to what the checkpoint being
@@ -65,10 +71,12 @@ class Tracker(NullTracker):
     the records it counted or -1 for an older checkpoint that did not count them)."""
 
     def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, wandb_project: str,
-                 run_id: str, resume: tuple[int, int] | None, trackers: tuple[str, ...] | list[str] = ()) -> None:
+                 run_id: str, resume: tuple[int, int] | None, trackers: tuple[str, ...] | list[str] = (),
+                 lock: RunLock | None = None) -> None:
         self.output_dir = output_dir
         self.metrics_path = output_dir / METRICS_FILE
         self._bar = None
+        self._lock = lock  # checked before every write: the folder must still be this run's
         self._trim_metrics(resume)
         self._others = [_start_tracker(name, output_dir, run_id, config) for name in trackers]
         self._wandb = None
@@ -102,9 +110,7 @@ class Tracker(NullTracker):
         # resumed run's to log again.
         kept = records[:count] if count >= 0 else [line for line in records if _step_of(line) <= step]
         self.lines = len(kept)
-        tmp = self.metrics_path.with_name(METRICS_FILE + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.metrics_path)
+        write_atomic(self.metrics_path, "".join(line + "\n" for line in kept).encode())
         if torn:
             self.info(f"{self.metrics_path}: dropped {len(torn)} damaged line(s) ({sum(map(len, torn))} bytes, "
                       f"written as the run was killed or the disk filled); the rest is kept")
@@ -116,9 +122,14 @@ class Tracker(NullTracker):
         else:
             print(line, flush=True)
 
+    def check_folder(self) -> None:
+        """Raise FolderLost if output_dir is no longer this run's (its run.lock deleted or replaced)."""
+        if self._lock is not None:
+            self._lock.check()
+
     def log(self, metrics: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self.check_folder()
+        append_line(self.metrics_path, json.dumps(metrics))
         self.lines += 1
         values = {k: v for k, v in metrics.items() if k != "step"}
         if self._wandb is not None:
@@ -128,14 +139,19 @@ class Tracker(NullTracker):
 
     def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
         """config.yaml (the resolved config, reloadable with --config) and setup.json."""
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (self.output_dir / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+        self.check_folder()
+        write_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        write_atomic(self.output_dir / "setup.json", (json.dumps(setup, indent=1) + "\n").encode())
 
     def save_image(self, key: str, step: int, draw: Callable[[Path], None]) -> None:
         """OUTPUT_DIR/<key's last part>/step_N.png, drawn by `draw(path)`, and to wandb."""
+        self.check_folder()
         path = self.output_dir / key.rsplit("/", 1)[-1] / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        draw(path)
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # drawn anew, then renamed: a link there is replaced
+        tmp.unlink(missing_ok=True)
+        draw(tmp)
+        os.replace(tmp, path)
         if self._wandb is not None:
             import wandb
 
@@ -209,12 +225,12 @@ def _start_tracker(name: str, output_dir: Path, run_id: str, config: dict[str, A
 
 def build_tracker(accelerator: Accelerator, output_dir: Path, config: dict[str, Any], wandb_mode: str,
                   wandb_project: str, run_id: str, resume: tuple[int, int] | None,
-                  trackers: tuple[str, ...] | list[str] = ()) -> NullTracker:
+                  trackers: tuple[str, ...] | list[str] = (), lock: RunLock | None = None) -> NullTracker:
     """The one place that decides who writes: the global main process, and nobody else."""
     if not accelerator.is_main_process:
         warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 shows the warnings
         return NullTracker()
-    return Tracker(output_dir, config, wandb_mode, wandb_project, run_id, resume, trackers)
+    return Tracker(output_dir, config, wandb_mode, wandb_project, run_id, resume, trackers, lock)
 
 
 def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int, notes: list[str]) -> None:

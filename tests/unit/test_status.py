@@ -32,6 +32,7 @@ def test_job_outcome(records, expected):
 
 def test_settle_job_names_the_bad_node_in_the_runs_status(tmp_path, monkeypatch):
     job, out = tmp_path / "job", tmp_path / "run"
+    job.mkdir(), out.mkdir()  # the script makes the job's folder, the run its output_dir
     monkeypatch.setenv("SLURMD_NODENAME", "node1")
     write_status(out / "status.json", "failed", 1, 40, "lost contact with another rank")
     write_status(job / "rank-0.json", "failed", 1, 40)
@@ -46,6 +47,7 @@ def test_settle_job_names_the_bad_node_in_the_runs_status(tmp_path, monkeypatch)
 def test_each_rank_records_everything_in_its_own_file_and_only_rank_0_in_the_shared_one(tmp_path, monkeypatch):
     monkeypatch.setenv("DENOISE_STATUS_FILE", str(tmp_path / "job" / "rank-{rank}.json"))
     monkeypatch.setenv("SLURMD_NODENAME", "node7")
+    (tmp_path / "run").mkdir()  # output_dir, made by the run's claim; status.json never makes it
     for rank, outcome, code in (("0", "preempted", 75), ("1", "completed", 0)):
         monkeypatch.setenv("RANK", rank)
         status = RunStatus()

@@ -1,0 +1,98 @@
+"""A run owns its output_dir: it refuses a folder of someone else's files, never writes through
+a symbolic link, and stops in one line when the folder or its lock is taken from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import error_lines, read_metrics, run_main, start_main, wait_for_metrics
+
+LONG = ["--config", "configs/debug.yaml", "data.train_samples=4000", "data.test_samples=100", "train.epochs=3",
+        "logging.every_n_steps=10", "logging.wandb_mode=disabled", "checkpoint.every_n_steps=50"]
+SHORT = ["--config", "configs/debug.yaml", "data.train_samples=200", "data.test_samples=50", "train.epochs=1",
+         "logging.every_n_steps=5", "logging.wandb_mode=disabled"]
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_left_as_it_was(synthetic_mnist, tmp_path):
+    out = tmp_path / "theirs"
+    (out / "samples").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "mine": true}\n')
+    (out / "config.yaml").write_text("my: notes\n")
+    (out / "samples" / "step_00000001.png").write_bytes(b"my picture")
+    before = _files(out)
+    r = run_main(SHORT + [f"data.root={synthetic_mnist}", f"output_dir={out}"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    [line] = error_lines(r.stderr)
+    assert f"output_dir {out} already holds files no run wrote (config.yaml, metrics.jsonl, samples)" in line
+    assert _files(out) == before and sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "samples"]
+    # An empty folder is fine, and so is a finished run's folder with more epochs.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_main(SHORT + [f"data.root={synthetic_mnist}", f"output_dir={empty}"]).returncode == 0
+
+
+def test_no_write_goes_through_a_link_planted_in_the_folder(synthetic_mnist, tmp_path):
+    out = tmp_path / "run"
+    args = SHORT + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
+    assert run_main(args).returncode == 0
+    target = tmp_path / "precious"
+    target.write_text("do not touch\n")
+    for name in ("config.yaml", "setup.json", ".status.json.tmp", "status.json.tmp", ".metrics.jsonl.tmp"):
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(target)
+    r = run_main(args + ["train.epochs=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert target.read_text() == "do not touch\n"
+    assert not (out / "config.yaml").is_symlink() and "train" in (out / "config.yaml").read_text()
+    # run.lock as a link: refused in one line before anything is written.
+    (out / "run.lock").unlink()
+    (out / "run.lock").symlink_to(target)
+    r = run_main(args + ["train.epochs=3"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and target.read_text() == "do not touch\n"
+    [line] = error_lines(r.stderr)
+    assert f"{out / 'run.lock'} is a symbolic link" in line
+
+
+@pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "folder deleted"])
+def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist, tmp_path, what):
+    out = tmp_path / "run"
+    args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
+    proc = start_main(args)
+    wait_for_metrics(out, proc, lines=7)  # past the first checkpoint (step 50)
+    target = tmp_path / "precious"
+    target.write_text("do not touch\n")
+    if what == "lock deleted":
+        (out / "run.lock").unlink()
+    elif what == "metrics linked":
+        os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
+        (out / "metrics.jsonl").symlink_to(target)
+    else:
+        shutil.rmtree(out)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    [line] = error_lines(stderr)
+    assert target.read_text() == "do not touch\n"
+    if what == "metrics linked":
+        assert f"{out / 'metrics.jsonl'} is a symbolic link" in line
+        return
+    assert "was deleted or replaced while this run held it" in line, line
+    if what == "folder deleted":  # nothing recreated in its name, no record claiming a cause
+        assert not (out / "status.json").exists()
+        return
+    # The lock deleted: the stopped run wrote nothing more; a new run resumes the folder cleanly.
+    logged = read_metrics(out)
+    assert json.loads((out / "status.json").read_text())["outcome"] == "running"
+    r = run_main(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout
+    steps = [(m["step"], "eval/mse" in m) for m in read_metrics(out)]
+    assert len(steps) == len(set(steps)) and read_metrics(out)[:1] == logged[:1]
