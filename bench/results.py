@@ -150,7 +150,7 @@ def report(work: Path, docs: Path, data_root: str, test_samples: int, denoise_re
     from train import metrics
     from train.data import load_mnist
     from train.denoise import load_trained
-    from train.loop import sample_indices, save_grid
+    from train.tracking import sample_indices, save_grid
     from train.noise import NoiseSpec
 
     names = [n for n in RUNS if finished(work, n)]

@@ -35,7 +35,7 @@ REPO=${DENOISE_REPO:-$(pwd)}
 
 PREEMPTED_EXIT=75
 if [ -n "${DENOISE_SWEEP:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # a task of slurm/sweep.sh
-    task=$(PYTHONPATH="$REPO" "${PYTHON:-python}" -m train.sweep args "$DENOISE_SWEEP" "$SLURM_ARRAY_TASK_ID" "$@") || exit 2
+    task=$("${PYTHON:-python}" "$REPO/slurm/sweep.py" args "$DENOISE_SWEEP" "$SLURM_ARRAY_TASK_ID" "$@") || exit 2
     mapfile -t args <<< "$task"
     set -- "${args[@]}"  # the sweep's config and overrides, this task's point, then output_dir
 fi
@@ -87,7 +87,7 @@ done
 
 # Every rank has ended: read their records together (a stale "running" in status.json becomes
 # "failed"; a node whose ranks died without a word is named there).
-read -r outcome code nodes < <(PYTHONPATH="$REPO" "${PYTHON:-python}" -m train.status --job "$JOB_DIR" "$OUTPUT_DIR" \
+read -r outcome code nodes < <("${PYTHON:-python}" "$REPO/slurm/job_outcome.py" "$JOB_DIR" "$OUTPUT_DIR" \
     2>/dev/null || echo missing 1 -)
 rm -rf "$JOB_DIR"
 echo "[slurm] training ended: $outcome (srun status $rc)"

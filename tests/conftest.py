@@ -19,6 +19,16 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def slurm_script(name: str):
+    """slurm/<name>.py as a module (the SLURM scripts are not part of the `train` package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"slurm_{name}", REPO / "slurm" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
 MAIN = REPO / "train" / "main.py"
 
 

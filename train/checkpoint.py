@@ -14,7 +14,6 @@ Checkpoints live on a filesystem all ranks share (as `output_dir` does on a clus
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -26,9 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from train.errors import UserError, brief
-from train.lock import LOCK_FILE, RunLock
-from train.preemption import maybe_inject_fault
-from train.status import STALE_RUN, STATUS_FILE, read_status, write_status
+from train.faults import fault_point
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -136,6 +133,7 @@ def find_resume(output_dir: Path, resume: str, warn=print) -> Path | None:
         for path in reversed(_step_dirs(output_dir)):
             problem = verify(path)
             if problem is None:
+                _INTACT.add(path)
                 return path
             warn(f"checkpoint {path} is damaged ({problem}); falling back to the one before it")
             damaged.append(f"{path.name}: {problem}")
@@ -167,7 +165,7 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash mid-save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    maybe_inject_fault("in_save", state.step, accelerator.process_index)
+    fault_point("in_save", state.step, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
@@ -177,8 +175,9 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
         if final.exists():  # the same step saved again (a stop at an epoch's end, then its evaluation)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)  # set aside, not deleted, until the new one is in its place
-            maybe_inject_fault("in_resave", state.step, accelerator.process_index)
+            fault_point("in_resave", state.step, accelerator.process_index)
         os.replace(tmp, final)
+        _INTACT.add(final)
         shutil.rmtree(old, ignore_errors=True)
         for old in _prunable(output_dir, keep_last):
             shutil.rmtree(old, ignore_errors=True)
@@ -186,10 +185,20 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
     return final
 
 
+_INTACT: set[Path] = set()  # checkpoints this process saved or verified: never hashed again
+
+
 def _prunable(output_dir: Path, keep_last: int) -> list[Path]:
     """Checkpoints older than the newest `keep_last` intact ones (damaged or not): a damaged
-    checkpoint never counts towards `keep_last`, and nothing newer than those is deleted."""
-    intact = [p for p in reversed(_step_dirs(output_dir)) if verify(p) is None][:keep_last]
+    checkpoint never counts towards `keep_last`, and nothing newer than those is deleted.
+    Each checkpoint is hashed once per process: those saved by this run are known intact."""
+    intact = []
+    for path in reversed(_step_dirs(output_dir)):
+        if len(intact) == keep_last:
+            break
+        if path in _INTACT or verify(path) is None:
+            _INTACT.add(path)
+            intact.append(path)
     if len(intact) < keep_last:
         return []
     oldest_kept = int(intact[-1].name[5:])
@@ -218,55 +227,6 @@ def compat_of(cfg, plan, mixed_precision: str) -> dict[str, object]:
         compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
                        "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
     return compat
-
-
-def _foreign_files(output_dir: Path) -> list[str]:
-    """What output_dir holds that no run of ours wrote: everything, unless a run of ours has
-    claimed it before (its run.lock or its status record is there); slurm/denoise.sh's job
-    records are its own."""
-    lock = output_dir / LOCK_FILE
-    previous = read_status(output_dir / STATUS_FILE)
-    if not output_dir.is_dir() or lock.exists() or lock.is_symlink() or (previous is not None and "node" in previous):
-        return []
-    return sorted(p.name for p in output_dir.iterdir() if not p.name.startswith((".job-", ".requeues-")))
-
-
-def claim_output_dir(accelerator: Accelerator, output_dir: Path) -> tuple[list[str], RunLock | None]:
-    """Create output_dir and take its run lock (the main process), before anything in it is read
-    or changed, refusing a folder that holds files no run of ours wrote; every rank learns the
-    outcome. Then, holding the lock, it records a killed run's stale `running` as failed and
-    removes unfinished saves. Returns notes for the log, and the lock (main process only)."""
-    notes, error, lock = [], None, None
-    if accelerator.is_main_process:
-        try:
-            foreign = _foreign_files(output_dir)
-            if foreign:
-                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-                raise UserError(f"output_dir {output_dir} already holds files no run wrote ({shown}): choose an "
-                                f"empty or new folder; nothing there was changed")
-            output_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(output_dir, os.W_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-            lock = RunLock(output_dir)
-            warning = lock.acquire()  # held until this process ends
-            notes += [warning] if warning else []
-            previous = read_status(output_dir / STATUS_FILE)
-            if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
-                write_status(output_dir / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
-                step = previous.get("step")
-                at = f"at step {step}" if isinstance(step, int) and step > 0 else "before its first logged step"
-                notes.append(f"the previous run in {output_dir} was killed without recording an outcome (it said "
-                             f"'running' {at}); recorded it as failed")
-            notes += remove_unfinished(output_dir)
-        except UserError as e:
-            error = str(e)
-        except OSError as e:
-            error = f"cannot write to output_dir {output_dir} ({e.strerror}): choose a writable folder"
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error is not None:
-        raise UserError(error)
-    return notes, lock
 
 
 def pick_resume(accelerator: Accelerator, output_dir: Path, resume: str, notes: list[str]) -> Path | None:

@@ -22,8 +22,8 @@ import yaml
 
 from train.errors import UserError
 
-# The models train/model.py builds (its MODELS; a test holds the two equal). Named here so that
-# a config is checked without importing torch: a typo is reported at once.
+# The models there are: the one list of the choices (train/model.py's MODELS builds each, and a
+# test holds the two equal). Here, so that a config is checked without importing torch.
 MODEL_NAMES = ("conv_denoiser", "unet")
 
 
@@ -224,64 +224,6 @@ class TrainConfig:
                    f"({self.per_device_batch_size}) with train.exact_reduction=true")
             _check(self.gradient_accumulation_steps == 1, "train.gradient_accumulation_steps",
                    "must stay 1 with train.exact_reduction=true: the micro-steps follow from the world size")
-
-    def plan(self, processes: int) -> "BatchPlan":
-        """The run's batch sizes and peak learning rate on `processes` processes."""
-        accumulation = self.gradient_accumulation_steps
-        per_device = self.per_device_batch_size
-        if self.exact_reduction:  # the forward batch is fixed; the micro-steps follow
-            accumulation, left = divmod(self.global_batch_size, per_device * processes)
-            _check(accumulation >= 1 and left == 0, "train.global_batch_size",
-                   f"({self.global_batch_size}) is not a whole number of forward passes of {per_device} images "
-                   f"on each of {processes} processes (train.exact_reduction=true): launch a number of processes "
-                   f"that divides {self.global_batch_size // per_device}, or change train.per_device_batch_size")
-        elif self.global_batch_size:
-            per_device, left = divmod(self.global_batch_size, processes * accumulation)
-            _check(per_device >= 1 and left == 0, "train.global_batch_size",
-                   f"({self.global_batch_size}) does not split evenly over {processes} processes x {accumulation} "
-                   f"accumulation steps: make it a multiple of {processes * accumulation}, or launch a number of "
-                   f"processes that divides it")
-        return BatchPlan(per_device, processes, accumulation,
-                         self.effective_lr(per_device * processes * accumulation))
-
-    def effective_lr(self, global_batch: int) -> float:
-        """The learning rate for `global_batch` images per optimizer step, by lr_scaling."""
-        ratio = global_batch / self.lr_reference_batch
-        return self.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[self.lr_scaling]
-
-    def lr_at(self, step: int, total_steps: int, peak_lr: float) -> float:
-        """The learning rate of optimizer step `step` (0-based) of `total_steps`: a pure
-        function of the step, so a resumed run needs no scheduler state."""
-        if step < self.warmup_steps:
-            return peak_lr * (step + 1) / (self.warmup_steps + 1)
-        if self.lr_schedule == "constant":
-            return peak_lr
-        decay_steps = max(total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
-        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Batch sizes and the peak learning rate, computed once per run (TrainConfig.plan) and
-    passed to whatever needs them, so each name means one thing everywhere."""
-
-    per_device_batch_size: int
-    processes: int
-    accumulation: int
-    """micro-steps per optimizer step"""
-    peak_lr: float
-    """the learning rate train.lr_scaling gives for global_batch (the schedule's peak)"""
-
-    @property
-    def global_micro_batch(self) -> int:
-        """images per micro-step over all processes: it fixes the data order"""
-        return self.per_device_batch_size * self.processes
-
-    @property
-    def global_batch(self) -> int:
-        """images per optimizer step: the learning rate follows it"""
-        return self.global_micro_batch * self.accumulation
 
 
 @dataclass
@@ -578,3 +520,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = child
         node[keys[-1]] = value
     return _build(Config, values, "")
+
+
+def reference() -> str:
+    """docs/configuration.md: every key with its default and the docstring it has here
+    (`python -m train.config > docs/configuration.md`; a test holds the two equal)."""
+    import ast
+    import inspect
+    import sys
+
+    docs = {}  # (class name, field) -> docstring
+    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
+        if isinstance(node, ast.ClassDef):
+            for a, b in zip(node.body, node.body[1:]):
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                    docs[node.name, a.target.id] = " ".join(b.value.value.split()).replace("|", "\\|")
+    rows = []
+
+    def walk(section: Any, prefix: str) -> None:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                rows.append(f"| `{prefix}{f.name}` | `{shown}` | {docs[type(section).__name__, f.name]} |")
+
+    walk(Config(), "")
+    return "\n".join([
+        "# Configuration", "",
+        "Generated from the docstrings of `train/config.py` by `python -m train.config > docs/configuration.md`",
+        "(a test holds this page equal to them).", "",
+        "Values come from these defaults (`configs/default.yaml` holds the same), then the `--config` YAML, then",
+        "`section.key=value` overrides after the script: YAML scalars, with YAML 1.2 booleans (`true`/`false`",
+        "only). `--config` takes a pipe too, e.g. `--config <(envsubst < template.yaml)`. Unknown keys, wrong",
+        "types and bad values stop the run before any work, naming the key and the nearest valid ones.", "",
+        "| key | default | meaning |", "|---|---|---|", *rows, ""])
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -52,8 +52,8 @@ class DenoiseError(UserError):
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """The model of a run folder (or one of its checkpoints/step_* folders) and the run's
     config, in eval mode on `device`."""
-    from train.config import ConfigError, load_config, read_yaml
-    from train.model import MODELS, build_model
+    from train.config import MODEL_NAMES, ConfigError, load_config, read_yaml
+    from train.model import build_model
 
     path = Path(path)
     weights = path / WEIGHTS
@@ -71,9 +71,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
             saved = None  # torn or not YAML: the message below says so
         model = saved.get("model") if isinstance(saved, dict) else None
         name = model.get("name") if isinstance(model, dict) else None
-        if isinstance(name, str) and name not in MODELS:
+        if isinstance(name, str) and name not in MODEL_NAMES:
             raise DenoiseError(f"checkpoint {path} holds a '{name}' model, which this version cannot build "
-                               f"(known: {', '.join(MODELS)}): use the version of mnist-denoise that trained it") from e
+                               f"(known: {', '.join(MODEL_NAMES)}): use the version of mnist-denoise that trained it") from e
         raise DenoiseError(f"checkpoint {path} has a config this version cannot read ({e}): use the version "
                            f"of mnist-denoise that trained it") from e
     from safetensors.torch import load_file

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +20,7 @@ from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
 
 from train.config import MIXED_PRECISIONS
 from train.errors import UserError
+from train.lifecycle import launcher_args
 
 
 class LaunchError(UserError):
@@ -57,14 +57,6 @@ def check_world_size(launched: int, joined: int) -> None:
             f"alone; on CPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             f"--num_processes {launched} (or torchrun)"
         )
-
-
-def launcher_args(pid: int) -> list[str]:
-    """The command line of process `pid` (on Linux; elsewhere, and for a gone process, [])."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
 
 
 def check_single_process_launch(args: list[str]) -> None:

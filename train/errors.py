@@ -1,13 +1,12 @@
 """The one exception type for mistakes a user can fix (bad config, missing data, bad checkpoint).
 
-`train/main.py` turns it into a single line on stderr and exit status 2, without a traceback.
+`train.lifecycle.ended` turns it into a single line on stderr and exit status 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import errno
 import shutil
-import signal
 from pathlib import Path
 
 _NEARLY_FULL_BYTES = 1 << 20  # a write failing with less free than this is put down to a full disk
@@ -32,37 +31,6 @@ def brief(e: BaseException) -> str:
 def counted(n: int, noun: str) -> str:
     """'1 image', '2 images', '2 processes': a count with its noun."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'x')) else 's'}"
-
-
-# What asks a run to stop cleanly: SLURM and Kubernetes (TERM), Ctrl-C (INT), SLURM's warning
-# before the time limit (USR1), a closed terminal (HUP). train/preemption.py handles them.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
-
-
-class StopRequested(BaseException):
-    """A stop signal before training started: nothing to save, so the process ends at once.
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` turns it into an error."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"stopped by {what} during start-up, before training began: nothing to save; "
-                         f"run the same command to start again")
-
-
-# What gloo and NCCL say when the other end of a collective died or stopped answering.
-_PEER_GONE = ("connection reset by peer", "connection closed by peer", "timed out", "timeout",
-              "communicator was aborted", "connection refused")
-
-
-def lost_peer(e: BaseException) -> str | None:
-    """The one-line report of a collective that failed because another rank died or hung, else None."""
-    names = {cls.__name__ for cls in type(e).__mro__}  # torch.distributed's errors, without importing torch
-    text = str(e).lower()
-    if not ("DistError" in names or (isinstance(e, RuntimeError) and ("gloo" in text or "nccl" in text)
-                                     and any(p in text for p in _PEER_GONE))):
-        return None
-    return (f"lost contact with another rank ({brief(e)}): a process or its node died or hung; the checkpoints are "
-            f"intact: run the same command to resume from the last one (slurm/denoise.sh requeues the job "
-            f"without the node whose ranks died)")
 
 
 _UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)

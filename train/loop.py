@@ -10,7 +10,6 @@ import functools
 import math
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +20,14 @@ from torch import nn
 
 from train import checkpoint, metrics, noise
 from train.checkpoint import TrainerState
-from train.config import BatchPlan, Config
+from train.config import Config
 from train.data import EpochOrder, Split
 from train.errors import UserError, counted
 from train.exact import ExactReduction
-from train.preemption import Preempted, StopFlag, maybe_inject_fault
-from train.tracking import SAMPLES_KEY, NullTracker
+from train.plan import BatchPlan, lr_at, schedule_of
+from train.faults import fault_point
+from train.lifecycle import StopFlag, Stopped
+from train.tracking import SAMPLES_KEY, NullTracker, sample_indices, save_samples
 
 
 class NonFiniteLossError(UserError):
@@ -35,91 +36,6 @@ class NonFiniteLossError(UserError):
 
 class CollapsedError(UserError):
     """Training collapsed: the model's output no longer depends on its input."""
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How many micro- and optimizer steps the run has. An epoch's last accumulation
-    window may be shorter than `gradient_accumulation_steps`; it still steps."""
-
-    micro_steps_per_epoch: int
-    accumulation: int
-    epochs: int
-    max_steps: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.micro_steps_per_epoch / self.accumulation)
-
-    @property
-    def total_steps(self) -> int:
-        full = self.epochs * self.steps_per_epoch
-        return min(full, self.max_steps) if self.max_steps else full
-
-    def window_len(self, micro_step: int) -> int:
-        """Micro-batches in the accumulation window that holds `micro_step` (0-based, in the epoch)."""
-        start = micro_step - micro_step % self.accumulation
-        return min(self.accumulation, self.micro_steps_per_epoch - start)
-
-    def is_boundary(self, micro_step: int) -> bool:
-        """True on the micro-step that ends its window: gradients sync and the optimizer steps."""
-        start = micro_step - micro_step % self.accumulation
-        return micro_step + 1 == start + self.window_len(micro_step)
-
-    def check_resume(self, state: TrainerState, path: Path) -> None:
-        """Refuse a checkpoint whose position this run could not have saved: the optimizer steps
-        it counts must be those of its epoch and micro-step, at a window's end (an edited or
-        buggy trainer_state.json would otherwise loop forever, finish at once or lose metrics)."""
-        m, n = state.micro_step, self.micro_steps_per_epoch
-        at_boundary = 0 <= m <= n and (m % self.accumulation == 0 or m == n)
-        steps = state.epoch * self.steps_per_epoch + math.ceil(m / self.accumulation)
-        if state.epoch < 0 or not at_boundary or state.step != steps:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} holds an impossible position (step {state.step}, epoch {state.epoch}, micro-step "
-                f"{m}; this run has {n} micro-steps per epoch, {self.accumulation} per optimizer step): it was "
-                f"edited or written by a bug; delete it to fall back to an older one, or start afresh in a new output_dir")
-
-
-def schedule_of(cfg: Config, plan: BatchPlan, num_samples: int) -> Schedule:
-    """The run's schedule over `num_samples` training images."""
-    micro_steps = EpochOrder(num_samples, plan.per_device_batch_size, plan.processes, 0, cfg.train.seed).steps_per_epoch
-    if cfg.train.exact_reduction:  # whole global batches only: the same optimizer steps on any world size
-        micro_steps = num_samples // plan.global_batch * plan.accumulation
-        if micro_steps == 0:
-            raise UserError(f"the training set ({num_samples} images) is smaller than train.global_batch_size "
-                            f"({plan.global_batch}): lower it or use more data")
-    return Schedule(micro_steps, plan.accumulation, cfg.train.epochs, cfg.train.max_steps)
-
-
-def sample_indices(split: Split, n: int) -> torch.Tensor:
-    """A fixed set of test digits to show: the first image of each class, then the next ones."""
-    labels = split.labels.cpu()
-    firsts = [int((labels == c).nonzero()[0]) for c in range(10) if (labels == c).any()]
-    chosen = set(firsts)
-    rest = [i for i in range(min(len(labels), n + len(firsts))) if i not in chosen]
-    return torch.tensor((firsts + rest)[:n], dtype=torch.int64)
-
-
-@torch.no_grad()
-def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: noise.NoiseSpec, seed: int,
-                 path: Path) -> None:
-    """A PNG with one column per digit and rows noisy / denoised / clean."""
-    clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), spec, seed)
-    out = model(noisy).float()
-    save_grid(torch.cat([noisy, out, clean]), len(indices), path)
-
-
-def save_grid(images: torch.Tensor, per_row: int, path: Path, pad: int = 2, pad_value: float = 0.5) -> None:
-    """Images (N, 1, H, W) in [0, 1] as one grayscale PNG, `per_row` to a row, `pad` grey pixels around each."""
-    from PIL import Image  # torchvision's dependency; torchvision itself is slow to import
-
-    n, _, h, w = images.shape
-    rows = -(-n // per_row)
-    grid = torch.full((pad + rows * (h + pad), pad + per_row * (w + pad)), pad_value)
-    for i, image in enumerate(images.detach().float().cpu()):
-        top, left = pad + (i // per_row) * (h + pad), pad + (i % per_row) * (w + pad)
-        grid[top:top + h, left:left + w] = image[0]
-    Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()).save(path)
 
 
 BatchMaker = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -200,7 +116,7 @@ class Trainer:
         self._settle_gradient_buckets()
         self.seconds = {"evaluation": 0.0, "checkpoints": 0.0}  # wall time of this process, by activity
         self.counts = {"evaluation": 0, "checkpoints": 0}
-        self.step = EagerStep(self) if not cfg.perf.cuda_graphs else self._capture_step()
+        self.train_step = EagerStep(self) if not cfg.perf.cuda_graphs else self._capture_step()
         if cfg.eval.min_output_std > 0 and len(test_split) < 2:
             tracker.info("eval.min_output_std is not applied: it compares test images, and there is only one")
 
@@ -248,7 +164,7 @@ class Trainer:
         """The scheduled learning rate of the coming optimizer step (a function of the step)."""
         if not self.scheduled_lr:
             return
-        lr = self.cfg.train.lr_at(self.state.step, self.schedule.total_steps, self.plan.peak_lr)
+        lr = lr_at(self.cfg.train, self.state.step, self.schedule.total_steps, self.plan.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -279,6 +195,11 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> None:
+        """Train from `state` to the end of the schedule. After each optimizer step: log when
+        due; on a stop request every rank agreed on, save and raise Stopped; save when due.
+        After each epoch: evaluate when due, save. A run that ends mid-epoch (max_steps) is
+        evaluated there. Every save first logs the steps not yet logged, so a diverged model
+        is never checkpointed."""
         s, sched, cfg = self.state, self.schedule, self.cfg
         total = sched.total_steps
         if s.step >= total:
@@ -289,19 +210,15 @@ class Trainer:
         window = _ThroughputWindow(self.accelerator, self.plan.global_micro_batch)
         started = time.perf_counter()
         while s.step < total and s.epoch < sched.epochs:
-            epoch_indices = self.order.epoch_indices(s.epoch, self.accelerator.device)
-            # The epoch's noise stream as a device tensor: a compiled make_batch serves every epoch.
-            key = torch.tensor(noise.stream_key(cfg.train.seed, s.epoch), dtype=torch.int32,
-                               device=self.accelerator.device)
-            batch = self.step.batches(epoch_indices, key)
+            batch = self._epoch_batches(s.epoch)
             while s.micro_step < sched.micro_steps_per_epoch and s.step < total:
                 m = s.micro_step
-                window.add_loss(self.step(*batch(m), m))
+                window.add_loss(self.train_step(*batch(m), m))
                 s.micro_step += 1
                 if not sched.is_boundary(m):
                     continue
                 s.step += 1
-                maybe_inject_fault("after_step", s.step, self.accelerator.process_index)
+                fault_point("after_step", s.step, self.accelerator.process_index)
                 window.add_step(sched.window_len(m))
                 self.tracker.advance()
                 if s.step % cfg.logging.every_n_steps == 0:
@@ -309,17 +226,23 @@ class Trainer:
                 if s.step < total and self.stop.any_rank_stopping(self.accelerator):
                     # At an epoch's last step the epoch-end evaluation is left to the resumed run;
                     # at the run's last step we just finish.
-                    self._checkpoint(window)
+                    self._log_train(window)
+                    self._save(window)
                     self.tracker.finish()
-                    raise Preempted(self.stop.name, s.step)
+                    raise Stopped(self.stop.name, s.step)
                 if cfg.checkpoint.every_n_steps and s.step % cfg.checkpoint.every_n_steps == 0:
-                    self._checkpoint(window)
-            if s.micro_step == sched.micro_steps_per_epoch:  # a whole epoch: evaluate, move on
+                    self._log_train(window)
+                    self._save(window)
+            if s.micro_step == sched.micro_steps_per_epoch:  # a whole epoch
                 s.epoch, s.micro_step = s.epoch + 1, 0
-                due = s.epoch % cfg.eval.every_n_epochs == 0 or s.epoch == sched.epochs or s.step >= total
-                self._checkpoint(window, eval_epoch=s.epoch if due else None)
+                self._log_train(window)
+                if s.epoch % cfg.eval.every_n_epochs == 0 or s.epoch == sched.epochs or s.step >= total:
+                    self._evaluate(s.epoch)
+                self._save(window)
         if s.micro_step != 0:  # stopped mid-epoch by max_steps: the end is always evaluated
-            self._checkpoint(window, eval_epoch=s.epoch + s.micro_step / sched.micro_steps_per_epoch)
+            self._log_train(window)
+            self._evaluate(s.epoch + s.micro_step / sched.micro_steps_per_epoch)
+            self._save(window)
         self.tracker.finish()
         training = time.perf_counter() - started - sum(self.seconds.values())
         self.tracker.info(
@@ -328,8 +251,19 @@ class Trainer:
             f"({self.counts['checkpoints']} saved)"
         )
 
+    def _epoch_batches(self, epoch: int) -> Callable[[int], tuple]:
+        """`batch(m)`: the (clean, noisy) micro-batch of micro-step m of `epoch` on this rank."""
+        epoch_indices = self.order.epoch_indices(epoch, self.accelerator.device)
+        # The epoch's noise stream as a device tensor: a compiled make_batch serves every epoch.
+        key = torch.tensor(noise.stream_key(self.cfg.train.seed, epoch), dtype=torch.int32,
+                           device=self.accelerator.device)
+        return self.train_step.batches(epoch_indices, key)
+
     def _log_train(self, window: "_ThroughputWindow") -> None:
-        loss, images_per_s = window.read()  # syncs the device: only on logging steps
+        """Log the steps since the last log (none: nothing), or stop a diverged run."""
+        if not window.pending_steps:
+            return
+        loss, images_per_s = window.read()  # syncs the device: only on logging steps and saves
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss became {loss} by step {self.state.step}: lower train.lr, set train.max_grad_norm "
@@ -356,7 +290,8 @@ class Trainer:
         # all of a run's evaluations take (docs/performance.md).
         benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
         try:
-            self._score(epoch)
+            with self._timed("evaluation"):
+                self._score(epoch)
         finally:
             torch.backends.cudnn.benchmark = benchmark
 
@@ -396,14 +331,8 @@ class Trainer:
             f"output_dir; the checkpoints before the collapse are kept"
         )
 
-    def _checkpoint(self, window: "_ThroughputWindow", eval_epoch: float | None = None) -> None:
-        """Log the open window, maybe evaluate, save. Logging first also means a diverged model
-        is never checkpointed; neither evaluating nor saving counts as training time."""
-        if window.pending_steps:
-            self._log_train(window)
-        if eval_epoch is not None:
-            with self._timed("evaluation"):
-                self._evaluate(eval_epoch)
+    def _save(self, window: "_ThroughputWindow") -> None:
+        """Checkpoint this state; the time it takes is not training time."""
         self.state.metrics_lines = self.tracker.lines  # what a resume from this checkpoint keeps
         self.tracker.check_folder()  # never save into a folder another run may now hold
         with self._timed("checkpoints"):

@@ -32,9 +32,8 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from train.errors import STOP_SIGNALS, StopRequested, UserError, brief, counted, lost_peer, write_failure  # noqa: E402
-from train.lock import FolderLost  # noqa: E402
-from train.status import RunStatus  # noqa: E402
+from train import lifecycle  # noqa: E402
+from train.errors import UserError, counted  # noqa: E402
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -50,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before and after --config
 
 
-def run(args: argparse.Namespace, status: RunStatus) -> int:
+def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.StopFlag) -> int:
     from train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # every config error before torch is imported
@@ -61,30 +60,25 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
     from train import checkpoint
     from train.data import load_mnist, sample_limit_notes
     from train.distributed import build_accelerator, describe
-    from train.loop import Trainer, build_optimizer, schedule_of
+    from train.loop import Trainer, build_optimizer
     from train.model import build_model
+    from train.plan import plan_of, schedule_of
+    from train.rundir import RunDir
     from train.perf import apply_perf, check_perf, maybe_keep_freed_host_memory
-    from train.preemption import PREEMPTED_EXIT, Preempted, StopFlag, watch_launcher
     from train.tracking import build_tracker, log_start
 
     notes = maybe_keep_freed_host_memory(cfg.perf)  # before the data and the model allocate anything
-    stop = StopFlag(on_abort=lambda signum: status.record(
-        "failed", 128 + signum, f"stopped at once by a second stop signal ({signal.Signals(signum).name}); "
-                                f"run the same command to resume from the last intact checkpoint"))
     stop.install()  # from here on a stop signal ends start-up at once, or training at the next step
-    watch_launcher(stop, on_give_up=lambda: status.record(
-        "failed", 1, "the launcher died and this worker could not stop cleanly in time", stuck=True))
+    lifecycle.watch_launcher(stop)
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
+    status.is_main = accelerator.is_main_process  # the one source of "main process" from here on
     check_perf(cfg.perf, cfg.train, accelerator)
     if cfg.train.exact_reduction:
         from train.exact import pin_kernels
 
         notes += pin_kernels(accelerator.device)
-    missing = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
-    claimed, lock = checkpoint.claim_output_dir(accelerator, output_dir)
-    notes += claimed
-    if accelerator.is_main_process and missing:
-        status.made = missing[-1]  # removed again if the run is refused before it starts
+    rundir = status.rundir = RunDir(output_dir)  # the folder is the run's from here; undone if it is refused
+    notes += rundir.claim(accelerator)
     resume_from = checkpoint.pick_resume(accelerator, output_dir, cfg.checkpoint.resume, notes)
 
     # Download once: the global main process first, then (for nodes without a shared
@@ -95,7 +89,7 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
                                              cfg.data.download_timeout_s)
     notes += sample_limit_notes(cfg.data, train_split, test_split)
 
-    plan = cfg.train.plan(accelerator.num_processes)
+    plan = plan_of(cfg.train, accelerator.num_processes)
     if not cfg.train.global_batch_size and plan.processes > 1:  # a new user's 2-process run trains at 2x the batch
         notes.append(f"global batch {plan.global_batch} = {plan.per_device_batch_size} per process x "
                      f"{plan.processes} processes{f' x {plan.accumulation} accumulation steps' if plan.accumulation > 1 else ''}: "
@@ -122,10 +116,10 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
 
     setup = {**describe(accelerator), "global_batch": plan.global_batch,
              "per_device_batch": plan.per_device_batch_size, "lr": plan.peak_lr}
-    tracker = build_tracker(accelerator, output_dir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
+    tracker = build_tracker(accelerator, rundir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
                             resume=(state.step, state.metrics_lines) if resume_from is not None else None,
-                            trackers=cfg.logging.trackers, lock=lock)
+                            trackers=cfg.logging.trackers)
     tracker.write_run_files(cfg.to_dict(), setup)
     log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:
@@ -142,11 +136,6 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
                       on_progress)
     try:
         trainer.fit()
-    except Preempted as p:
-        status.step = p.step
-        tracker.info(str(p))
-        status.record("preempted", PREEMPTED_EXIT, str(p))
-        return PREEMPTED_EXIT
     finally:
         status.step = state.step
     accelerator.wait_for_everyone()
@@ -159,47 +148,23 @@ def run(args: argparse.Namespace, status: RunStatus) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("DENOISE_DEBUG") == "1"
-    status = RunStatus()
+    status = lifecycle.RunStatus()
+    stop = lifecycle.StopFlag(status)
     try:
-        return run(parse_args(argv), status)
-    except StopRequested as e:
-        from train.preemption import PREEMPTED_EXIT  # torch is loaded by now
-
-        status.record("preempted", PREEMPTED_EXIT, str(e))
-        if status.is_main:
-            print(f"stopped: {e}", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT
+        return run(parse_args(argv), status, stop)
     except BaseException as e:
-        peer = lost_peer(e)
-        if peer is not None:  # not this rank's fault: one line from each survivor (any may be alone), no traceback
-            status.record("failed", 1, peer)
-            if debug:
-                raise
-            print(f"error: {peer}", file=sys.stderr, flush=True)
-            return 1
-        if isinstance(e, FolderLost):
-            status.disown()
-        error = e if isinstance(e, UserError) else write_failure(e, status.output_dir)
-        if error is None:  # a bug or a crash: keep the traceback, but record the outcome
-            status.record("failed", 1, brief(e))
-            raise
-        status.record("failed", 2, str(error))
-        if debug:
-            raise
-        if status.is_main or error.node_local:  # the same error on every rank: print it once
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return lifecycle.ended(e, status, debug)
     finally:  # the outcome is recorded: a stop signal now (a launcher ending the other ranks) is moot
-        if "train.preemption" in sys.modules:  # only it installs stop handlers
-            sys.modules["train.preemption"].ignore_stop_signals()
+        if stop.installed:
+            lifecycle.ignore_stop_signals()
         status.remove_unaccepted()
 
 
 if __name__ == "__main__":
-    # Hold stop signals until StopFlag.install takes them. A launcher ends the other ranks with
+    # Hold stop signals until StopFlag.install takes them (train/lifecycle.py). A launcher ends the other ranks with
     # SIGTERM as soon as one exits; a config error is the same on every rank but only the main
     # process prints it, so it must not die of a faster rank's error before printing.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, lifecycle.STOP_SIGNALS)
     code = main()
     # Exempt what is left from the collections of the interpreter's exit (atexit handlers and
     # reference counting still run): they walk every object torch made, most of the exit's

@@ -91,8 +91,9 @@ class UNet(nn.Module):
 
 
 MODELS = {"conv_denoiser": ConvDenoiser, "unet": UNet}
-"""Registered models by `model.name`. A model with settings takes them as keyword arguments
-from the config section of the same name (`model.unet`)."""
+"""The model of each of config.MODEL_NAMES, the one list of the choices (checked there before
+torch is imported; a test holds the two equal). A model with settings takes them as keyword
+arguments from the config section of the same name (`model.unet`)."""
 
 
 def build_model(name: str, **settings) -> nn.Module:

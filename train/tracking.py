@@ -3,25 +3,27 @@ config and setup, metrics.jsonl, sample PNGs, wandb and accelerate's other track
 here, in one place, on the global main process: the other ranks get a `NullTracker` with the
 same methods that does nothing, and their Python warnings (the same as rank 0's) are not
 shown. The exceptions: checkpoints, which every rank writes, and status.json
-(train/status.py), where any rank may record a failure.
+(train/lifecycle.py), where any rank may record a failure.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 from accelerate import Accelerator
+from torch import nn
 
+from train import metrics, noise
+from train.data import Split
 from train.errors import UserError, brief
-from train.files import append_line, write_atomic
-from train.lock import RunLock
+from train.rundir import RunDir
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_KEY = "eval/samples"  # the samples image's key; its PNGs go to OUTPUT_DIR/samples/
@@ -34,6 +36,8 @@ def _step_of(line: str) -> int | None:
         return int(record["step"]) if isinstance(record, dict) else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
 class NullTracker:
     """What ranks other than the global main process get: every call is a no-op."""
 
@@ -70,13 +74,12 @@ class Tracker(NullTracker):
     resumed had seen, so a resumed run's metrics have no gaps and no duplicates: (its step,
     the records it counted or -1 for an older checkpoint that did not count them)."""
 
-    def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, wandb_project: str,
-                 run_id: str, resume: tuple[int, int] | None, trackers: tuple[str, ...] | list[str] = (),
-                 lock: RunLock | None = None) -> None:
-        self.output_dir = output_dir
+    def __init__(self, rundir: RunDir, config: dict[str, Any], wandb_mode: str, wandb_project: str,
+                 run_id: str, resume: tuple[int, int] | None, trackers: tuple[str, ...] | list[str] = ()) -> None:
+        self.rundir = rundir  # every write goes through it: the folder must still be this run's
+        output_dir = rundir.path
         self.metrics_path = output_dir / METRICS_FILE
         self._bar = None
-        self._lock = lock  # checked before every write: the folder must still be this run's
         self._trim_metrics(resume)
         self._others = [_start_tracker(name, output_dir, run_id, config) for name in trackers]
         self._wandb = None
@@ -110,7 +113,7 @@ class Tracker(NullTracker):
         # resumed run's to log again.
         kept = records[:count] if count >= 0 else [line for line in records if _step_of(line) <= step]
         self.lines = len(kept)
-        write_atomic(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+        self.rundir.write(METRICS_FILE, "".join(line + "\n" for line in kept).encode())
         if torn:
             self.info(f"{self.metrics_path}: dropped {len(torn)} damaged line(s) ({sum(map(len, torn))} bytes, "
                       f"written as the run was killed or the disk filled); the rest is kept")
@@ -124,12 +127,10 @@ class Tracker(NullTracker):
 
     def check_folder(self) -> None:
         """Raise FolderLost if output_dir is no longer this run's (its run.lock deleted or replaced)."""
-        if self._lock is not None:
-            self._lock.check()
+        self.rundir.check()
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.check_folder()
-        append_line(self.metrics_path, json.dumps(metrics))
+        self.rundir.append(METRICS_FILE, json.dumps(metrics))
         self.lines += 1
         values = {k: v for k, v in metrics.items() if k != "step"}
         if self._wandb is not None:
@@ -139,19 +140,12 @@ class Tracker(NullTracker):
 
     def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
         """config.yaml (the resolved config, reloadable with --config) and setup.json."""
-        self.check_folder()
-        write_atomic(self.output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-        write_atomic(self.output_dir / "setup.json", (json.dumps(setup, indent=1) + "\n").encode())
+        self.rundir.write("config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        self.rundir.write("setup.json", (json.dumps(setup, indent=1) + "\n").encode())
 
     def save_image(self, key: str, step: int, draw: Callable[[Path], None]) -> None:
         """OUTPUT_DIR/<key's last part>/step_N.png, drawn by `draw(path)`, and to wandb."""
-        self.check_folder()
-        path = self.output_dir / key.rsplit("/", 1)[-1] / f"step_{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # drawn anew, then renamed: a link there is replaced
-        tmp.unlink(missing_ok=True)
-        draw(tmp)
-        os.replace(tmp, path)
+        path = self.rundir.draw(f"{key.rsplit('/', 1)[-1]}/step_{step:08d}.png", draw)
         if self._wandb is not None:
             import wandb
 
@@ -223,14 +217,14 @@ def _start_tracker(name: str, output_dir: Path, run_id: str, config: dict[str, A
     return tracker
 
 
-def build_tracker(accelerator: Accelerator, output_dir: Path, config: dict[str, Any], wandb_mode: str,
+def build_tracker(accelerator: Accelerator, rundir: RunDir, config: dict[str, Any], wandb_mode: str,
                   wandb_project: str, run_id: str, resume: tuple[int, int] | None,
-                  trackers: tuple[str, ...] | list[str] = (), lock: RunLock | None = None) -> NullTracker:
+                  trackers: tuple[str, ...] | list[str] = ()) -> NullTracker:
     """The one place that decides who writes: the global main process, and nobody else."""
     if not accelerator.is_main_process:
         warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 shows the warnings
         return NullTracker()
-    return Tracker(output_dir, config, wandb_mode, wandb_project, run_id, resume, trackers, lock)
+    return Tracker(rundir, config, wandb_mode, wandb_project, run_id, resume, trackers)
 
 
 def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int, notes: list[str]) -> None:
@@ -245,3 +239,35 @@ def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int
                  f"steps); perf: " + ", ".join(f"{k}={v}" for k, v in vars(cfg.perf).items()))
     for note in notes:
         tracker.info(note)
+
+
+# -- the samples PNG -------------------------------------------------------------------
+def sample_indices(split: Split, n: int) -> torch.Tensor:
+    """A fixed set of test digits to show: the first image of each class, then the next ones."""
+    labels = split.labels.cpu()
+    firsts = [int((labels == c).nonzero()[0]) for c in range(10) if (labels == c).any()]
+    chosen = set(firsts)
+    rest = [i for i in range(min(len(labels), n + len(firsts))) if i not in chosen]
+    return torch.tensor((firsts + rest)[:n], dtype=torch.int64)
+
+
+@torch.no_grad()
+def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: noise.NoiseSpec, seed: int,
+                 path: Path) -> None:
+    """A PNG with one column per digit and rows noisy / denoised / clean."""
+    clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), spec, seed)
+    out = model(noisy).float()
+    save_grid(torch.cat([noisy, out, clean]), len(indices), path)
+
+
+def save_grid(images: torch.Tensor, per_row: int, path: Path, pad: int = 2, pad_value: float = 0.5) -> None:
+    """Images (N, 1, H, W) in [0, 1] as one grayscale PNG, `per_row` to a row, `pad` grey pixels around each."""
+    from PIL import Image  # torchvision's dependency; torchvision itself is slow to import
+
+    n, _, h, w = images.shape
+    rows = -(-n // per_row)
+    grid = torch.full((pad + rows * (h + pad), pad + per_row * (w + pad)), pad_value)
+    for i, image in enumerate(images.detach().float().cpu()):
+        top, left = pad + (i // per_row) * (h + pad), pad + (i % per_row) * (w + pad)
+        grid[top:top + h, left:left + w] = image[0]
+    Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()).save(path)

@@ -173,7 +173,9 @@ def test_a_second_request_after_the_first_stops_at_once_and_records_it(tmp_path)
     r = subprocess.run([sys.executable, str(probe), str(tmp_path / "record")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == -signal.SIGTERM, r.stderr  # the default way, so the shell sees the signal
-    assert (tmp_path / "record").read_text() == "aborted by SIGTERM", "the stop was not recorded before it"
+    record = json.loads((tmp_path / "record").read_text())  # recorded before the signal ended it
+    assert (record["outcome"], record["exit_code"]) == ("failed", 128 + signal.SIGTERM), record
+    assert record["message"].startswith("stopped at once by a second stop signal (SIGTERM)"), record
     assert "burst ignored" in r.stdout
 
 

@@ -309,7 +309,7 @@ def test_a_stop_signal_checkpoints_every_rank_at_one_step_and_resumes_exactly(sy
     status = _status(out)  # ...so the outcome is read from status.json
     assert status["outcome"] == "preempted" and status["exit_code"] == PREEMPTED_EXIT, status
     stopped = status["step"]
-    assert 0 < stopped < 100 and f"stopped by {signame} at step {stopped}" in stdout
+    assert 0 < stopped < 100 and f"stopped by {signame} at step {stopped}" in stderr
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == [f"step_{stopped:08d}"]
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -344,7 +344,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_the_stop_vote_on_a_gpu_does_not_wait_for_the_step_queued_after_it():
     from types import SimpleNamespace
 
-    from train.preemption import StopFlag
+    from train.lifecycle import StopFlag
 
     # Two ranks as the flag sees them; the all-reduce of a one-rank sum is a copy.
     ranks = SimpleNamespace(num_processes=2, device=torch.device("cuda"), reduce=lambda t, reduction: t.clone())

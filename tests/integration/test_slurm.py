@@ -216,7 +216,7 @@ def test_a_sweep_runs_as_a_job_array_whose_preempted_task_requeues_alone(slurm, 
         state = sorted((d / "checkpoints").glob("step_*"))[-1] / "trainer_state.json"
         run_ids.add(json.loads(state.read_text())["run_id"])
     assert len(run_ids) == 3  # a wandb run each
-    r = subprocess.run([sys.executable, "-m", "train.sweep", "summary", str(sweep)], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "slurm/sweep.py", "summary", str(sweep)], cwd=REPO, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
     header, *rows = r.stdout.splitlines()

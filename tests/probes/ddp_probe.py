@@ -28,6 +28,7 @@ from train.data import load_mnist  # noqa: E402
 from train.distributed import build_accelerator  # noqa: E402
 from train.loop import Trainer, build_optimizer  # noqa: E402
 from train.model import build_model  # noqa: E402
+from train.plan import plan_of  # noqa: E402
 from train.tracking import NullTracker  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def main() -> None:
         dtypes = set()
         accelerator.unwrap_model(model).encoder[0].register_forward_hook(
             lambda mod, args, output: dtypes.add(str(output.dtype)))
-        trainer = Trainer(cfg, cfg.train.plan(accelerator.num_processes), accelerator, model, optimizer, train_split,
+        trainer = Trainer(cfg, plan_of(cfg.train, accelerator.num_processes), accelerator, model, optimizer, train_split,
                           test_split, TrainerState(), NullTracker())
         micro, steps = [], []
         real_micro_step, real_optimizer_step = trainer._micro_step, trainer._optimizer_step

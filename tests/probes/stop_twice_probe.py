@@ -1,6 +1,7 @@
 """A stop request delivered twice at once (a burst) and then again later: the burst is one
-request; the later one records the abort through `on_abort`, then ends the process by the
-signal. Usage: stop_twice_probe.py RECORD_FILE (see test_abuse.py)."""
+request; the later one records the abort in the run's status, then ends the process by the
+signal. Usage: stop_twice_probe.py RECORD_FILE (see test_abuse.py); RECORD_FILE is the
+status record ($DENOISE_STATUS_FILE) that a job script would read."""
 
 import os
 import signal
@@ -9,10 +10,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from train.preemption import BURST_S, StopFlag  # noqa: E402
+os.environ["DENOISE_STATUS_FILE"] = sys.argv[1]
+from train.lifecycle import BURST_S, RunStatus, StopFlag  # noqa: E402
 
 record = Path(sys.argv[1])
-flag = StopFlag(on_abort=lambda signum: record.write_text(f"aborted by {signal.Signals(signum).name}"))
+flag = StopFlag(RunStatus())
 flag.install()
 flag.deferred = True  # as in the training loop
 os.kill(os.getpid(), signal.SIGTERM)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # the repository root
 
 from train.distributed import build_accelerator  # noqa: E402
-from train.preemption import StopFlag  # noqa: E402
+from train.lifecycle import StopFlag  # noqa: E402
 
 
 def main() -> None:

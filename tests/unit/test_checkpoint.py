@@ -58,3 +58,27 @@ def test_a_resumed_optimizer_runs_this_runs_settings_not_the_checkpoints(tmp_pat
     assert {k: group[k] for k in ours} == ours
     assert opt.state_dict()["state"][0]["exp_avg"].abs().sum() > 0  # the moments did come from the checkpoint
     assert notes and "lr 0.1 -> 0.0001" in notes[0] and "capturable False -> True" in notes[0]
+
+
+def test_saving_hashes_no_checkpoint_again(tmp_path, monkeypatch):
+    """Checksums are for resuming: a save trusts what this process saved or verified, so the
+    cost of a save does not grow with the checkpoints kept."""
+    import torch
+    from accelerate import Accelerator
+
+    from train import checkpoint
+
+    acc = Accelerator(cpu=True)
+    acc.prepare(torch.nn.Linear(3, 2))
+    hashed = []
+    real = checkpoint._file_digest
+    monkeypatch.setattr(checkpoint, "_file_digest", lambda p: hashed.append(p.parent.name) or real(p))
+    for step in range(1, 6):
+        hashed.clear()
+        checkpoint.save(acc, tmp_path, checkpoint.TrainerState(step=step), keep_last=3)
+        assert set(hashed) == {f".tmp-step_{step:08d}"}  # the manifest of the new one, nothing else
+    assert [p.name for p in checkpoint._step_dirs(tmp_path)] == [f"step_0000000{s}" for s in (3, 4, 5)]
+    checkpoint._INTACT.clear()  # a new process: it verifies the ones it resumes from
+    hashed.clear()
+    assert checkpoint.find_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "step_00000005"
+    assert set(hashed) == {"step_00000005"}

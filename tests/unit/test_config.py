@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from train.config import Config, ConfigError, load_config
+from train.plan import lr_at, plan_of
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -133,12 +134,12 @@ def test_issue7_keys_fail_naming_the_key(overrides, words):
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
     tc = load_config(None, ["train.lr_schedule=cosine", "train.warmup_steps=9"]).train
-    lrs = [tc.lr_at(step, 109, 1.0) for step in range(109)]
+    lrs = [lr_at(tc, step, 109, 1.0) for step in range(109)]
     assert lrs[:9] == pytest.approx([(s + 1) / 10 for s in range(9)])  # linear warm-up, never 0
     assert lrs[9] == 1.0 and lrs[59] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # decreasing after the warm-up
     const = load_config(None).train
-    assert {const.lr_at(s, 109, 0.3) for s in range(109)} == {0.3}
+    assert {lr_at(const, s, 109, 0.3) for s in range(109)} == {0.3}
 
 
 def test_the_configs_model_names_are_the_models_model_py_builds():
@@ -165,35 +166,28 @@ def _flat_defaults(obj, prefix=""):
             yield f"{prefix}{f.name}", value
 
 
-def test_the_readme_settings_table_lists_every_key_with_its_default():
-    import yaml
+def test_the_configuration_page_is_generated_from_every_keys_docstring():
+    from train.config import reference
 
-    rows = {}
-    for line in (REPO / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and cells[0].startswith("`") and cells[1].startswith("`"):
-            keys = [k.strip(" `") for k in cells[0].split(" / ")]
-            values = [v.strip(" `") for v in cells[1].split(" / ")]
-            values = values * len(keys) if len(values) == 1 else values  # one default shared by the row's keys
-            if all(k.replace(".", "").replace("_", "").isalnum() for k in keys) and len(keys) == len(values):
-                rows.update(zip(keys, values))
-    defaults = dict(_flat_defaults(Config()))
-    assert set(rows) == set(defaults), (set(defaults) - set(rows), set(rows) - set(defaults))
-    for key, shown in rows.items():
-        assert yaml.safe_load(shown) == defaults[key] or shown == str(defaults[key]), (key, shown, defaults[key])
+    page = reference()  # a key without a docstring fails here
+    assert (REPO / "docs" / "configuration.md").read_text() == page, "run python -m train.config > docs/configuration.md"
+    keys = dict(_flat_defaults(Config()))
+    rows = [line.split("|")[1].strip(" `") for line in page.splitlines() if line.startswith("| `")]
+    assert rows == list(keys)
+    assert "| `train.lr` | `0.001` | Adam learning rate" in page and "| `logging.trackers` | `[]` |" in page
 
 
 def test_a_global_batch_size_fixes_the_batch_on_any_world_size_that_divides_it():
     tc = load_config(None, ["train.global_batch_size=24", "train.gradient_accumulation_steps=2",
                             "train.lr_scaling=linear"]).train
     for processes, per_device in ((1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)):
-        plan = tc.plan(processes)
+        plan = plan_of(tc, processes)
         assert (plan.per_device_batch_size, plan.global_batch, plan.global_micro_batch) == (per_device, 24, 12)
         assert plan.peak_lr == pytest.approx(1e-3 * 24 / 20)  # the same schedule on every world size
     for processes in (5, 24):  # 24 / (5 x 2) leaves a remainder; 24 / (24 x 2) is under one image
         with pytest.raises(ConfigError, match="train.global_batch_size' \\(24\\) does not split evenly"):
-            tc.plan(processes)
-    assert load_config().train.plan(2).global_batch == 40  # unset: per device x processes, as before
+            plan_of(tc, processes)
+    assert plan_of(load_config().train, 2).global_batch == 40  # unset: per device x processes, as before
 
 
 def test_list_keys_take_lists_of_their_type():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import REPO
 from train import noise
 from train.config import ConfigError, load_config
+from train.plan import effective_lr
 from train.data import EpochOrder, Split
 from train.loop import batch_maker, build_optimizer, epoch_batches
 from train.model import ConvDenoiser, UNet
@@ -25,11 +26,11 @@ from train.speed.thin_conv import PaddedConv2d, pad_thin_convs
 
 def test_lr_scaling_rules():
     cfg = load_config(None, ["train.lr=0.001", "train.lr_scaling=sqrt"])
-    assert cfg.train.effective_lr(80) == pytest.approx(0.002)  # sqrt(80 / 20) = 2
-    assert cfg.train.effective_lr(20) == pytest.approx(0.001)
+    assert effective_lr(cfg.train, 80) == pytest.approx(0.002)  # sqrt(80 / 20) = 2
+    assert effective_lr(cfg.train, 20) == pytest.approx(0.001)
     linear = load_config(None, ["train.lr_scaling=linear", "train.lr_reference_batch=10"])
-    assert linear.train.effective_lr(40) == pytest.approx(0.004)
-    assert load_config(None, []).train.effective_lr(5000) == pytest.approx(0.001)  # none: as given
+    assert effective_lr(linear.train, 40) == pytest.approx(0.004)
+    assert effective_lr(load_config(None, []).train, 5000) == pytest.approx(0.001)  # none: as given
     with pytest.raises(ConfigError, match="train.lr_scaling"):
         load_config(None, ["train.lr_scaling=cubic"])
 

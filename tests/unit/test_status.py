@@ -1,4 +1,4 @@
-"""A job's outcome from its ranks' records (slurm/denoise.sh acts on it)."""
+"""A job's outcome from its ranks' records (slurm/job_outcome.py; slurm/denoise.sh acts on it)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from train.status import NODE_FAILURE, RunStatus, job_outcome, read_status, settle_job, write_status
+from conftest import slurm_script
+from train.lifecycle import RunStatus
+from train.rundir import read_status, write_status
+
+_job = slurm_script("job_outcome")
+NODE_FAILURE, job_outcome, settle_job = _job.NODE_FAILURE, _job.job_outcome, _job.settle_job
 
 
 def rec(outcome: str, code: int = 0, node: str = "n1") -> dict:

@@ -6,8 +6,12 @@ import json
 
 import pytest
 
+from conftest import slurm_script
 from train.errors import UserError
-from train.sweep import check, format_table, load_sweep, main, summary
+
+_sweep = slurm_script("sweep")
+check, format_table, load_sweep, main, summary = (_sweep.check, _sweep.format_table, _sweep.load_sweep, _sweep.main,
+                                                  _sweep.summary)
 
 
 @pytest.fixture

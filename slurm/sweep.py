@@ -14,9 +14,9 @@ A sweep file (YAML):
 HASH is a digest of the task's overrides: a task whose point changed (the grid was edited)
 gets a new folder rather than resuming another point's checkpoint.
 
-    python -m train.sweep count SWEEP.yaml [override ...]    # checks every task's config; prints N
-    python -m train.sweep args SWEEP.yaml K [override ...]   # task K's arguments for train/main.py
-    python -m train.sweep summary SWEEP.yaml                 # the tasks' outcomes and best metrics
+    python slurm/sweep.py count SWEEP.yaml [override ...]    # checks every task's config; prints N
+    python slurm/sweep.py args SWEEP.yaml K [override ...]   # task K's arguments for train/main.py
+    python slurm/sweep.py summary SWEEP.yaml                 # the tasks' outcomes and best metrics
 
 Light on imports: no torch here.
 """
@@ -31,8 +31,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import ConfigError, load_config, read_yaml
-from train.errors import UserError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: train.*
+
+from train.config import ConfigError, load_config, read_yaml  # noqa: E402
+from train.errors import UserError  # noqa: E402
 
 SWEEP_KEYS = ("name", "config", "output_root", "overrides", "grid")
 MAX_TASKS = 10_000  # far above SLURM's default MaxArraySize (1001); a grid past it is a mistake
@@ -113,7 +115,7 @@ def check(sweep: Sweep, extra: list[str]) -> int:
 
 def summary(sweep: Sweep) -> list[dict]:
     """One row per task: its point, outcome, steps, and best and last test PSNR (dB)."""
-    from train.status import settle
+    from train.rundir import settle
 
     rows = []
     for task in sweep.tasks():
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         elif len(args) == 2 and args[0] == "summary":
             print(format_table(summary(load_sweep(args[1]))))
         else:
-            raise UserError("usage is python -m train.sweep count|args|summary SWEEP.yaml [K] [override ...]")
+            raise UserError("usage is python slurm/sweep.py count|args|summary SWEEP.yaml [K] [override ...]")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

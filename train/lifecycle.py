@@ -1,0 +1,283 @@
+"""How a run ends, in one module: stop requests, the ranks' agreement on them, a dead launcher,
+a lost peer, and the outcome record. `train/main.py` holds one `RunStatus` and one `StopFlag`
+and hands every exception that ends the run to `ended`, which records it and picks the exit
+status: 0 done, 75 stopped on request after a checkpoint (run the same command to resume),
+2 a mistake to fix (one line on stderr), 1 anything else.
+
+Stop requests are SIGTERM, SIGINT, SIGUSR1 (SLURM's warning before the time limit) and SIGHUP
+(a closed terminal; left alone under nohup). Before training a request ends the process at
+once: there is nothing to save. During training it only sets a flag; at each optimizer step
+the ranks vote on it (one all-reduce, read a step later), so every rank stops at the same step
+and saves. Either way the run raises `Stopped`, the one exception for "stop".
+
+Requests within BURST_S of the first are the same request: SLURM and Kubernetes signal the
+launcher and its workers together, and the launcher forwards its copy. A request after that
+stops at once, recorded first. A worker whose launcher dies (SIGKILL, OOM) takes that as a
+request too. It is noticed by a thread that polls the parent pid, not by PR_SET_PDEATHSIG: a
+worker blocked in a collective runs no Python signal handler, and the same thread has to end
+it after LAUNCHER_GONE_GRACE_S.
+
+The outcome goes to OUTPUT_DIR/status.json (its format: train/rundir.py) and, for a
+job script, to $DENOISE_STATUS_FILE. Light on imports: torch is imported only to vote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from train.errors import UserError, brief, write_failure
+from train.rundir import STATUS_FILE, FolderLost, RunDir, write_status
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" - the job should be resumed
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+BURST_S = 1.0  # seconds after a stop request in which further signals count as the same request
+LAUNCHER_GONE_GRACE_S = 60.0  # seconds an orphaned worker gets to checkpoint before it exits regardless
+
+
+class Stopped(BaseException):
+    """The run stopped on request: after saving the checkpoint of step `step`, or during
+    start-up (`step` None) with nothing to save. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` turns it into an error."""
+
+    def __init__(self, what: str, step: int | None = None) -> None:
+        self.step = step
+        super().__init__(f"stopped by {what} during start-up, before training began: nothing to save; run the same "
+                         f"command to start again" if step is None else
+                         f"stopped by {what} at step {step}; checkpoint saved, resume with the same command")
+
+
+class RunStatus:
+    """Records the outcome of this process's run.
+
+    - $DENOISE_STATUS_FILE (slurm/denoise.sh sets it, with `{rank}` for the rank), from the
+      start, so even a config error is recorded where the script looks: each rank records
+      there all that happens to it, so the job can tell which ranks died without a word;
+    - OUTPUT_DIR/status.json only once the run is accepted (it holds the folder and its
+      checkpoint is compatible): a run refused at start-up leaves the last run's record.
+    Into a shared file only the main process records, except `failed`, which any rank may
+    record: the launcher may kill the main process before it can. Until the accelerator says
+    which process is the main one (`is_main`), the launcher's RANK does."""
+
+    def __init__(self) -> None:
+        from_env = os.environ.get("DENOISE_STATUS_FILE", "")
+        rank = os.environ.get("RANK", "0")
+        self.own = Path(from_env.replace("{rank}", rank)) if from_env else None
+        if self.own is not None:
+            self.own.parent.mkdir(parents=True, exist_ok=True)  # the job's folder; never output_dir (see disown)
+        self.paths: list[Path] = []  # shared records: OUTPUT_DIR/status.json once accepted
+        self.is_main = rank == "0"
+        self.step: int | None = None
+        self.output_dir: Path | None = None  # known once the config is read
+        self.rundir: RunDir | None = None  # the claimed folder, until the run is accepted or loses it
+        self.accepted = False
+
+    def accept(self) -> None:
+        """From now on also record in OUTPUT_DIR/status.json (`output_dir` is set by then)."""
+        self.paths.append(self.output_dir / STATUS_FILE)
+        self.accepted = True
+
+    def disown(self) -> None:
+        """Stop recording in OUTPUT_DIR/status.json, and touch nothing there: the folder is no
+        longer this run's (deleted, or its lock taken), and writing could recreate it or speak
+        for another run."""
+        self.paths, self.rundir = [], None
+
+    def remove_unaccepted(self) -> None:
+        """A run refused at start-up in a folder it created leaves no folder behind."""
+        if self.rundir is not None and not self.accepted:
+            self.rundir.abandon()
+
+    def record(self, outcome: str, exit_code: int, message: str = "", stuck: bool = False) -> None:
+        shared = self.paths if self.is_main or outcome == "failed" else []
+        for path in shared + ([self.own] if self.own is not None else []):
+            try:
+                write_status(path, outcome, exit_code, self.step, message, stuck=stuck)
+            except OSError as e:  # never let the record of a failure hide the failure itself
+                print(f"warning: could not record '{outcome}' in {path} ({e.strerror})", file=sys.stderr, flush=True)
+
+
+class StopFlag:
+    """Catches the stop requests of this process and agrees on them across ranks. Set
+    `deferred` once the training loop polls `any_rank_stopping` at every step."""
+
+    def __init__(self, status: RunStatus | None = None) -> None:
+        self.status = status  # where a second request records that it ended the run at once
+        self.signum: int | None = None
+        self.reason: str | None = None  # what asked, when it was not a signal from outside
+        self.deferred = False
+        self.installed = False
+        self._first_at = 0.0
+        self._previous = {}
+        self._vote: _Vote | None = None  # the last step's vote, maybe still in flight
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started under nohup: the user asked to outlive the terminal
+            self._previous[sig] = signal.signal(sig, self._handle)
+        self.installed = True
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # what main.py held arrives now, here
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+            if not self.deferred:
+                raise Stopped(self.name)
+            return
+        if now - self._first_at < BURST_S:
+            return  # the same request, delivered twice
+        if self.status is not None:  # asked again: stop now, the default way, once it is recorded
+            self.status.record("failed", 128 + signum, f"stopped at once by a second stop signal "
+                               f"({signal.Signals(signum).name}); run the same command to resume from the last "
+                               f"intact checkpoint")
+        self.uninstall()
+        signal.raise_signal(signum)
+
+    def any_rank_stopping(self, accelerator: Accelerator) -> bool:
+        """True on every rank, from the same call on, once any rank was signalled by its previous call.
+
+        Call once per optimizer step, at the same steps on all ranks. With several ranks each
+        call starts this step's vote and reads the previous step's: the host waits at most for
+        the work queued before that vote, never for the step it has just queued, so a GPU
+        still has that step to run while the host queues the next. The price is a stop one
+        step later.
+        """
+        local = self.signum is not None
+        if accelerator.num_processes == 1:
+            return local
+        previous, self._vote = self._vote, _Vote(local, accelerator)
+        return previous is not None and previous.result()
+
+    @property
+    def name(self) -> str:
+        if self.reason is not None:
+            return self.reason
+        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+
+
+class _Vote:
+    """One step's stop vote, summed over the ranks, read later without waiting for later work."""
+
+    def __init__(self, local: bool, accelerator: Accelerator) -> None:
+        import torch
+
+        # torch.full fills on the device: unlike torch.tensor([...], device=...) it needs no
+        # blocking host-to-device copy. On a GPU the all-reduce is queued, not waited for.
+        total = accelerator.reduce(torch.full((1,), float(local), device=accelerator.device), reduction="sum")
+        self._done: torch.cuda.Event | None = None
+        if total.device.type == "cuda":  # copy the sum out behind the all-reduce, mark the point
+            self._sum = torch.empty(1, pin_memory=True).copy_(total, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:  # gloo on the CPU: the all-reduce has already returned the sum
+            self._sum = total
+
+    def result(self) -> bool:
+        """True if any rank voted to stop. Waits only for the work queued before the vote."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._sum.item() > 0  # a host tensor by now: no device sync
+
+
+def launcher_args(pid: int) -> list[str]:
+    """The command line of process `pid` (on Linux; elsewhere, and for a gone process, [])."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def watch_launcher(stop: StopFlag, grace_s: float = LAUNCHER_GONE_GRACE_S) -> None:
+    """End this worker when the launcher that started it (accelerate launch, torchrun) dies
+    without stopping it first: a stop request as a signal would make, then, if the process
+    still runs `grace_s` later (a peer died in a collective), a recorded failure and an exit."""
+    parent = os.getppid()
+    cmdline = " ".join(launcher_args(parent))  # empty without /proc: nothing to watch
+    if not any(name in cmdline for name in ("accelerate", "torchrun", "torch.distributed.run",
+                                             "torch/distributed/run")):
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:  # its death reparents this process
+            time.sleep(0.5)
+        if stop.signum is None:  # else a stop is already under way: let it finish
+            stop.reason = f"the death of its launcher (pid {parent})"
+            os.kill(os.getpid(), signal.SIGTERM)  # runs the handler in the main thread, where it can stop the work
+        time.sleep(grace_s)
+        if stop.status is not None:
+            stop.status.record("failed", 1, "the launcher died and this worker could not stop cleanly in time",
+                               stuck=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+# What gloo and NCCL say when the other end of a collective died or stopped answering.
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "timed out", "timeout",
+              "communicator was aborted", "connection refused")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """The one-line report of a collective that failed because another rank died or hung, else None."""
+    names = {cls.__name__ for cls in type(e).__mro__}  # torch.distributed's errors, without importing torch
+    text = str(e).lower()
+    if not ("DistError" in names or (isinstance(e, RuntimeError) and ("gloo" in text or "nccl" in text)
+                                     and any(p in text for p in _PEER_GONE))):
+        return None
+    return (f"lost contact with another rank ({brief(e)}): a process or its node died or hung; the checkpoints are "
+            f"intact: run the same command to resume from the last one (slurm/denoise.sh requeues the job "
+            f"without the node whose ranks died)")
+
+
+def ended(e: BaseException, status: RunStatus, debug: bool) -> int:
+    """Record how the exception `e` ended the run and say so in one line; return the exit status.
+    A bug keeps its traceback (re-raised, as is everything under `debug`). Call it from the
+    `except` block that caught `e`."""
+    if isinstance(e, Stopped):
+        status.step = e.step if e.step is not None else status.step
+        status.record("preempted", PREEMPTED_EXIT, str(e))
+        if status.is_main:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    peer = lost_peer(e)
+    if peer is not None:  # not this rank's fault: one line from each survivor (any may be alone)
+        status.record("failed", 1, peer)
+        if debug:
+            raise
+        print(f"error: {peer}", file=sys.stderr, flush=True)
+        return 1
+    if isinstance(e, FolderLost):
+        status.disown()
+    error = e if isinstance(e, UserError) else write_failure(e, status.output_dir)
+    if error is None:  # a bug or a crash: keep the traceback, but record the outcome
+        status.record("failed", 1, brief(e))
+        raise
+    status.record("failed", 2, str(error))
+    if debug:
+        raise
+    if status.is_main or error.node_local:  # the same error on every rank: print it once
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
+def ignore_stop_signals() -> None:
+    """Once the outcome is recorded, later copies of a stop request are moot. Python's
+    shutdown would reset our handlers to the default, and a late copy would then kill a
+    process whose work is safe, with the wrong exit status. SIGKILL still ends it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

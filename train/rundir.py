@@ -1,0 +1,308 @@
+"""The run's folder (output_dir), owned by this module for the run's whole life.
+
+- **Claim.** Before anything in the folder is read or changed, the main process refuses a
+  folder that holds files no run of ours wrote, creates it, and takes its lock.
+- **Lock.** One run per folder: an OS lock on OUTPUT_DIR/run.lock (`fcntl.lockf`, a POSIX
+  record lock), held by the main process and released by the kernel however it ends. Local
+  filesystems and NFS (v4, or v3 with lockd) honour it across hosts; where the filesystem
+  has no locks (NFS mounted `nolock`, Lustre without `-o flock`) the run says so and goes on
+  unlocked. A lock lives on a file, not its name: before each write the holder checks that
+  run.lock is still the file it locked, and stops (FolderLost) when it was deleted or
+  replaced (`rm run.lock`, `rm -rf output_dir`). The lock file itself is never deleted by a
+  run that was accepted: a second file of that name would be a second lock.
+- **Writes.** Every file is written whole or not at all (a temporary file renamed over it),
+  and never through a symbolic link: a link planted in the folder must not turn a write
+  into an overwrite elsewhere.
+- **Who writes what.** The main process writes every file here, except the checkpoints,
+  which every rank writes its part of (train/checkpoint.py), and a `failed` status record,
+  which any rank may write: the launcher may kill the main process before it can
+  (train/lifecycle.py decides what is recorded).
+- **status.json**, for scripts: outcome = running | completed | preempted | failed, with the
+  exit code, the last logged step and the node. A `running` whose holder is gone (no process
+  holds the lock) belongs to a killed run: `settle` records it as failed.
+
+Light on imports (no torch): `python -m train.status` and the SLURM script use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from train.errors import UserError
+
+LOCK_FILE = "run.lock"
+STATUS_FILE = "status.json"
+STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out of memory or a lost node); "
+             "its checkpoints are intact: run the same command to resume from the last one")
+_BUSY = (errno.EAGAIN, errno.EACCES)  # what lockf says when another process holds the lock
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+
+
+class OutputDirInUse(UserError):
+    """Another live run holds this output_dir."""
+
+
+class FolderLost(UserError):
+    """The run's folder, or its run.lock, was deleted or replaced while the run held it."""
+
+
+class LinkRefused(UserError):
+    """A file of the run's is a symbolic link."""
+
+
+# -- writing files -------------------------------------------------------------------------
+def open_no_link(path: Path, flags: int) -> int:
+    """os.open(path, flags) that refuses a symbolic link at `path` in one line."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LinkRefused(f"{path} is a symbolic link: the run writes its own files only, never through a "
+                              f"link; remove the link (or choose another output_dir), then run the same command") from None
+        raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` by renaming a new temporary file over it: a reader sees the old
+    file or the new one, and a link at `path` is replaced, never followed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # a leftover, or a planted link: unlink removes the link itself
+    fd = os.open(tmp, _NEW, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# -- status.json ---------------------------------------------------------------------------
+def node_name() -> str:
+    """This node as the scheduler knows it (SLURM's name, which --exclude takes), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def write_status(path: Path, outcome: str, exit_code: int, step: int | None = None, message: str = "",
+                 node: str | None = None, stuck: bool = False) -> None:
+    """Atomically where the disk has room; on a full disk, in place over the previous record:
+    a record is under 1 KiB, so it fits in the disk block the file already holds. `node`: the
+    node the record is about (default: this one); `stuck`: the process could not stop when
+    asked (a hang), so it ended itself."""
+    record = {"outcome": outcome, "exit_code": exit_code, "step": step, "message": message[:600],
+              "node": node or node_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if stuck:
+        record["stuck"] = True
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+            raise
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+        fd = open_no_link(path, os.O_WRONLY)
+        try:
+            os.write(fd, data)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+
+
+def read_status(path: Path) -> dict | None:
+    """The record at `path`; None if there is none, or it is not a whole record (a torn write,
+    a file edited by hand)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    whole = isinstance(record, dict) and isinstance(record.get("outcome"), str) and \
+        isinstance(record.get("exit_code"), int) and not isinstance(record["exit_code"], bool)
+    return record if whole else None
+
+
+def settle(output_dir: Path) -> dict | None:
+    """output_dir's status, with a `running` whose run is gone (no process holds the lock)
+    recorded as `failed`. Not for the lock's holder: see is_held."""
+    path = Path(output_dir) / STATUS_FILE
+    status = read_status(path)
+    if status is not None and status["outcome"] == "running" and is_held(output_dir) is False:
+        write_status(path, "failed", 1, status.get("step"), STALE_RUN)
+        status = read_status(path)
+    return status
+
+
+# -- the lock ------------------------------------------------------------------------------
+def describe_holder(path: Path) -> str:
+    """'host H, pid P, started T' from a lock file, as far as it can be read."""
+    try:
+        holder = json.loads(path.read_text())
+        return f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def is_held(output_dir: Path) -> bool | None:
+    """Whether a live process holds output_dir's lock (None: no lock file, or no locks here).
+
+    Probing takes the lock for an instant; never call it from the process that holds it
+    (closing the probe's descriptor would drop that process's own lock)."""
+    try:
+        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        return True if e.errno in _BUSY else None
+    finally:
+        os.close(fd)
+
+
+# -- the folder ----------------------------------------------------------------------------
+class RunDir:
+    """output_dir as this process holds it. Only the main process claims it and writes through
+    it; on the other ranks `claim` only learns the main process's outcome."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.identity: tuple[int, int] | None = None  # (device, inode) of the run.lock this process locked
+        self.made: Path | None = None  # the outermost folder the claim created, removed by `abandon`
+
+    def claim(self, accelerator) -> list[str]:
+        """Claim the folder on the main process; every rank learns the outcome (one UserError).
+        Holding the lock, it then records a killed run's stale `running` as failed and removes
+        unfinished saves. Returns notes for the log."""
+        from accelerate.utils import broadcast_object_list
+
+        from train.checkpoint import remove_unfinished
+
+        notes, error = [], None
+        if accelerator.is_main_process:
+            try:
+                self._refuse_foreign()
+                missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.made = missing[-1] if missing else None
+                if not os.access(self.path, os.W_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                notes += self._lock()
+                previous = read_status(self.path / STATUS_FILE)
+                if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
+                    write_status(self.path / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
+                    step = previous.get("step")
+                    at = f"at step {step}" if isinstance(step, int) and step > 0 else "before its first logged step"
+                    notes.append(f"the previous run in {self.path} was killed without recording an outcome (it said "
+                                 f"'running' {at}); recorded it as failed")
+                notes += remove_unfinished(self.path)
+            except UserError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"cannot write to output_dir {self.path} ({e.strerror}): choose a writable folder"
+        if accelerator.num_processes > 1:
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise UserError(error)
+        return notes
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a folder of files no run of ours wrote: one that no run of ours has claimed (no
+        run.lock, no status record of ours) and that holds anything but slurm/denoise.sh's
+        job records."""
+        lock = self.path / LOCK_FILE
+        previous = read_status(self.path / STATUS_FILE)
+        if not self.path.is_dir() or lock.exists() or lock.is_symlink() or (previous is not None and "node" in previous):
+            return
+        foreign = sorted(p.name for p in self.path.iterdir() if not p.name.startswith((".job-", ".requeues-")))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UserError(f"output_dir {self.path} already holds files no run wrote ({shown}): choose an empty or "
+                            f"new folder; nothing there was changed")
+
+    def _lock(self, wait_s: float = 1.0) -> list[str]:
+        """Take the lock, or raise OutputDirInUse naming the holder; a warning when the filesystem
+        cannot lock. `wait_s` rides out a status probe (`python -m train.status`), which holds
+        the lock for microseconds."""
+        path = self.path / LOCK_FILE
+        fd = open_no_link(path, os.O_RDWR | os.O_CREAT)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in _BUSY:
+                    os.close(fd)
+                    return [f"warning: cannot lock {path} ({os.strerror(e.errno)}; the filesystem has no locks): "
+                            f"nothing stops a second run from using {self.path} at the same time"]
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise OutputDirInUse(f"output_dir {self.path} is in use by another run ({describe_holder(path)}): "
+                                         f"wait for it to end or stop it, or choose another output_dir") from None
+                time.sleep(0.05)
+        # fd is never closed: the lock lives as long as this process (closing it would drop it).
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        return []
+
+    def check(self) -> None:
+        """Raise FolderLost unless run.lock is still the file this process locked."""
+        if self.identity is None:
+            return  # not the holder, or the filesystem has no locks: nothing to keep
+        try:
+            st = os.stat(self.path / LOCK_FILE, follow_symlinks=False)
+            same = (st.st_dev, st.st_ino) == self.identity
+        except OSError:
+            same = False
+        if not same:
+            raise FolderLost(
+                f"{self.path / LOCK_FILE} was deleted or replaced while this run held it (output_dir removed, or the "
+                f"lock file deleted): another run may be using {self.path}; this run stopped without writing there "
+                f"again. Check the folder, then run the same command to resume from its last intact checkpoint")
+
+    def write(self, name: str, data: bytes) -> None:
+        """OUTPUT_DIR/name, whole, while the folder is still this run's."""
+        self.check()
+        write_atomic(self.path / name, data)
+
+    def append(self, name: str, line: str) -> None:
+        """One line at the end of OUTPUT_DIR/name (created if missing), refusing a link."""
+        self.check()
+        fd = open_no_link(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def draw(self, name: str, draw) -> Path:
+        """OUTPUT_DIR/name (in a subfolder, made if missing) drawn by `draw(path)` into a new file,
+        then renamed into place: a link there is replaced, never followed."""
+        self.check()
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        tmp.unlink(missing_ok=True)
+        draw(tmp)
+        os.replace(tmp, path)
+        return path
+
+    def abandon(self) -> None:
+        """Undo the claim of a run refused at start-up in a folder it created: its lock file
+        goes, then each folder it made, from output_dir up, while it is empty."""
+        if self.made is None:
+            return
+        (self.path / LOCK_FILE).unlink(missing_ok=True)
+        for folder in [self.path, *self.path.parents]:
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty: someone else's files, or ours kept
+            if folder == self.made:
+                return
