@@ -5,7 +5,7 @@
 # each step under its own time limit so a slow one cannot eat the rest. Leaves JSON results
 # and one log in $OUT. Needs the project's Python packages (wandb is not: it is disabled).
 #   OUT=/tmp/out MNIST_ROOT=/path/to/data bash bench/gpu_check.sh [STEP...]
-# STEPs (default: all, in this order): speed full profile20 tests graphs_resume exact restart_group epoch_order tuning profile_large
+# STEPs (default: all, in this order): speed full profile20 tests graphs_resume exact photos restart_group epoch_order tuning profile_large
 # profile_steady quality pad20 check results.
 # `results` (about 9 more minutes) trains the GPU-made runs of docs/results.md into $OUT/runs
 # (bench/results.py); copy them into its --work folder and run `bench/results.py report`.
@@ -71,6 +71,14 @@ want exact && step exact 240 bash -c "python bench/exact_reduction.py --data $MN
     --processes 1 --per-device 20 --rounds 3 --steps 600 --out $OUT/exact_reduction.json && python train/main.py \
     --config configs/debug.yaml data.root=$MNIST_ROOT output_dir=$WORK/exact_fp16 train.exact_reduction=true \
     train.global_batch_size=20 train.per_device_batch_size=5 train.mixed_precision=fp16 train.max_steps=300"
+# configs/images_gpu.yaml (colour, bf16, blind sigma) on made-up pictures for 300 steps, then a
+# full-size denoise of a 1500x1100 picture in tiles: never run on a GPU yet.
+want photos && step photos 240 bash -c "python -c \"import sys; sys.path.insert(0, 'tests'); from pathlib import Path; \
+from conftest import write_pictures; w = Path('$WORK/pictures'); write_pictures(w / 'train', [(256, 320)] * 8); \
+write_pictures(w / 'test', [(300, 200)] * 3, seed=1); write_pictures(w / 'big', [(1500, 1100)], seed=2)\" && \
+    python train/main.py --config configs/images_gpu.yaml data.train_dir=$WORK/pictures/train \
+    data.test_dir=$WORK/pictures/test output_dir=$WORK/photos train.max_steps=300 && python -m train.denoise \
+    --checkpoint $WORK/photos --noise-sigma 25 --out $OUT/photos_denoised $WORK/pictures/big"
 # NCCL's side of the group a worker of torchrun (and of accelerate launch) forms on the agent's
 # store (train/distributed.py: maybe_join_restart_group), never run on a GPU before.
 want restart_group && step restart_group 120 python -m torch.distributed.run --nproc-per-node=1 --max-restarts=1 \

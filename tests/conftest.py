@@ -108,6 +108,36 @@ def make_tiny_mnist(root: Path, n_train: int = 96, n_test: int = 30, seed: int =
     return root
 
 
+def picture(height: int, width: int, channels: int, rng: np.random.Generator) -> np.ndarray:
+    """A made-up photograph, H x W x C float64 in [0, 1]: discs of flat colour over a smooth wave."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    image = 0.3 * np.sin(10 * x * rng.random() + 7 * y * rng.random())[..., None] + np.zeros(channels)
+    for _ in range(6):
+        cy, cx, r = rng.random(3)
+        image = image + rng.random(channels) * (((y - cy) ** 2 + (x - cx) ** 2) < (0.1 + 0.3 * r) ** 2)[..., None]
+    return (image - image.min()) / (np.ptp(image) + 1e-9)
+
+
+def write_pictures(folder: Path, sizes: list[tuple[int, int]], channels: int = 3, seed: int = 0,
+                   suffix: str = ".png", bits: int = 8) -> list[Path]:
+    """Made-up photographs of `sizes` (height, width) as files in `folder` (created)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        image = picture(h, w, channels, rng)
+        if bits == 16:
+            pil = Image.fromarray((image[..., 0] * 65535).round().astype(np.uint16))  # mode I;16
+        else:
+            array = (image * 255).round().astype(np.uint8)
+            pil = Image.fromarray(array[..., 0] if channels == 1 else array)
+        paths.append(folder / f"p{i}{suffix}")
+        pil.save(paths[-1])
+    return paths
+
+
 @pytest.fixture
 def tiny_mnist(tmp_path: Path) -> Path:
     return make_tiny_mnist(tmp_path / "mnist")

@@ -205,11 +205,12 @@ def _prunable(output_dir: Path, keep_last: int) -> list[Path]:
     return [p for p in _step_dirs(output_dir) if int(p.name[5:]) < oldest_kept]
 
 
-def compat_of(cfg, plan, mixed_precision: str) -> dict[str, object]:
+def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, object]:
     """What a checkpoint must share with this run to resume it: the weights' shapes, the
     global micro-batch (which fixes the data order) and the accumulation (which groups it
     into optimizer steps), the seed, the data, the precision, and where the learning rate
-    depends on the step, its schedule. (`cfg`: the run's Config; `plan`: its BatchPlan.)"""
+    depends on the step, its schedule. (`cfg`: the run's Config; `plan`: its BatchPlan;
+    `pictures`: the training pictures of data.dataset=images, whose fingerprint counts.)"""
     tc = cfg.train
     # The forward passes of a step: exact reduction fixes each one's images on any world size.
     batches = ({"train.exact_reduction": True, "train.per_device_batch_size": plan.per_device_batch_size,
@@ -223,6 +224,11 @@ def compat_of(cfg, plan, mixed_precision: str) -> dict[str, object]:
         "data.train_samples": cfg.data.train_samples,
         "mixed_precision": mixed_precision,
     }
+    if pictures is not None:  # which patches an epoch's samples are, and what the model takes
+        dc = cfg.data
+        compat.update({"data.dataset": "images", "data.fingerprint": pictures.fingerprint,
+                       "data.channels": pictures.channels, "data.patch_size": dc.patch_size,
+                       "data.patches_per_image": dc.patches_per_image})
     if tc.lr_schedule != "constant" or tc.warmup_steps:  # the learning rate of each step depends on these
         compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
                        "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
@@ -273,6 +279,8 @@ def _restoring_overrides(keys: list[str], saved: dict, num_processes: int) -> li
             fixes.append(f"train.global_batch_size={value * accumulation}")  # on any world size that divides it
         elif key == "mixed_precision":
             fixes.append(f"train.mixed_precision={value}")
+        elif key == "data.fingerprint":
+            fixes.append("the training pictures it was trained on back in data.train_dir")
         elif "." in key and isinstance(value, (int, float, str)):
             fixes.append(f"{key}={value}")
     return fixes

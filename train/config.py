@@ -36,8 +36,13 @@ def _check(ok: bool, key: str, why: str) -> None:
         raise ConfigError(f"config key '{key}' {why}")
 
 
+DATASETS = ("mnist", "images")
+
+
 @dataclass
 class DataConfig:
+    dataset: str = "mnist"
+    """mnist (the digits, from `root`) | images (your own pictures: train_dir, test_dir)"""
     root: str = "data"
     """folder that holds MNIST/raw/ (torchvision's layout); relative paths are from the working dir"""
     download: bool = True
@@ -48,8 +53,38 @@ class DataConfig:
     """evaluate on only the first N test images; 0 = all 10,000 (the reported metrics)"""
     download_timeout_s: float = 60.0
     """seconds a download waits for an answer from a mirror before giving up on it (torchvision tries 2)"""
+    train_dir: str = ""
+    """images: folder of training pictures (PNG, JPEG or TIFF; 8- or 16-bit; searched recursively)"""
+    test_dir: str = ""
+    """images: folder of test pictures, each scored whole"""
+    channels: int = 0
+    """images: 1 (gray) or 3 (colour), every picture converted to it; 0 = as the pictures are
+    (a folder that mixes gray and colour is refused)"""
+    patch_size: int = 64
+    """images: side of the square training patches, in pixels (each training picture must be at least this)"""
+    patches_per_image: int = 64
+    """images: training patches drawn from each picture per epoch (positions and flips hashed
+    from seed, epoch and index)"""
+    memory_limit_mib: int = 2048
+    """images: the most the decoded pictures may take on the training device (uint8 for
+    8-bit pictures, float32 for 16-bit); more is refused"""
 
     def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {show(self.dataset)}")
+        _check(self.channels in (0, 1, 3), "data.channels", f"must be 0 (as the pictures are), 1 or 3, got {self.channels}")
+        _check(self.patch_size >= 16, "data.patch_size", f"must be >= 16 pixels, got {self.patch_size}")
+        _check(self.patches_per_image >= 1, "data.patches_per_image", f"must be >= 1, got {self.patches_per_image}")
+        _check(self.memory_limit_mib >= 1, "data.memory_limit_mib", f"must be >= 1, got {self.memory_limit_mib}")
+        if self.dataset == "images":
+            for key in ("train_dir", "test_dir"):
+                _check(getattr(self, key) != "", f"data.{key}", "must name a folder of pictures with data.dataset=images")
+            for key in ("train_samples", "test_samples"):  # MNIST's: a folder's pictures are all used
+                _check(getattr(self, key) == 0, f"data.{key}", "is for MNIST: with data.dataset=images put the "
+                       "pictures you want in the folder")
+
+    def model_settings(self) -> dict[str, Any]:
+        """What the data sets in the model: the channels of pictures (MNIST's 1 is the default)."""
+        return {"image_channels": self.channels} if self.dataset == "images" and self.channels else {}
         _check(self.download_timeout_s > 0, "data.download_timeout_s", f"must be > 0, got {self.download_timeout_s}")
         _check(self.train_samples >= 0, "data.train_samples", "must be >= 0 (0 = all)")
         _check(self.test_samples >= 0, "data.test_samples", "must be >= 0 (0 = all)")
@@ -88,9 +123,33 @@ class NoiseConfig:
     train_factor_max] (a function of seed, epoch and sample); 0 = train at `factor`"""
     eval_seed: int = 1234
     """seed of the fixed evaluation noise; independent of train.seed so runs compare"""
+    sigma: float = 0.0
+    """> 0: Gaussian noise of this std on the 0-255 scale (15, 25, 50), for training and
+    evaluation: the same as factor = sigma / 255"""
+    train_sigma_max: float = 0.0
+    """> 0: blind training, each sample's std uniform in [train_sigma_min, train_sigma_max] on the
+    0-255 scale (evaluation stays at sigma)"""
+    train_sigma_min: float = 0.0
+    """low end of the blind training range, 0-255 scale"""
 
     def __post_init__(self) -> None:
         _check(self.kind in NOISE_KINDS, "noise.kind", f"must be one of {NOISE_KINDS}, got {show(self.kind)}")
+        for key in ("sigma", "train_sigma_min", "train_sigma_max"):
+            value = getattr(self, key)
+            _check(0 <= value <= 255, f"noise.{key}", f"must be in [0, 255] (the 0-255 scale), got {value}")
+            _check(value == 0 or self.kind == "gaussian", f"noise.{key}", "is a Gaussian std: set noise.kind=gaussian")
+        _check(self.train_sigma_max == 0 or self.sigma > 0, "noise.train_sigma_max",
+               "needs noise.sigma, the evaluation level on the same scale")
+        _check(self.train_sigma_min <= self.train_sigma_max, "noise.train_sigma_min",
+               f"must be <= noise.train_sigma_max ({self.train_sigma_max}), got {self.train_sigma_min}")
+        if self.sigma > 0:  # one scale from here on: pixels in [0, 1] (a saved config holds both, equal)
+            _check(self.factor in (0.5, self.sigma / 255), "noise.factor",
+                   f"and noise.sigma both set the level ({self.factor} and {self.sigma}/255): set one of them")
+            _check(self.train_sigma_max == 0 or self.train_factor_max in (0.0, self.train_sigma_max / 255),
+                   "noise.train_factor_max", "and noise.train_sigma_max both set the range: set one of them")
+            self.factor = self.sigma / 255
+            if self.train_sigma_max > 0:
+                self.train_factor_min, self.train_factor_max = self.train_sigma_min / 255, self.train_sigma_max / 255
         for key in ("factor", "train_factor_min", "train_factor_max"):
             value = getattr(self, key)
             _check(value >= 0, f"noise.{key}", f"must be >= 0, got {value}")
@@ -351,6 +410,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.output_dir != "", "output_dir", "must not be empty")
+        _check(self.data.dataset == "mnist" or self.model.name == "unet", "model.name",
+               f"must be unet with data.dataset=images (the fully convolutional model), got {show(self.model.name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

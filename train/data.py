@@ -40,8 +40,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(self, indices: torch.Tensor) -> torch.Tensor:
-        """Clean float32 images in [0, 1] for `indices` (a tensor on the same device)."""
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def batch(self, indices: torch.Tensor, key: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Clean float32 images in [0, 1] for `indices` (a tensor on the same device); `key`
+        (the epoch's stream, which picks a picture's patches) is not needed here."""
         return self.images[indices].to(torch.float32).div_(255.0)
 
 

@@ -1,4 +1,4 @@
-"""Denoise digits with a trained model.
+"""Denoise digits, or your own pictures at full size, with a trained model.
 
     python -m train.denoise --checkpoint outputs/unet noisy/*.png           # -> denoised/*.png
     python -m train.denoise --checkpoint outputs/unet batch.npy --out out/  # -> out/batch.npy
@@ -17,6 +17,12 @@ dark; padded to a square with the background; resized to 28x28 (area averaging).
 is the denoised 28x28 digit, inverted back to the input's polarity. A .npy array holds
 (28, 28), (N, 28, 28) or (N, 1, 28, 28) images, uint8 in [0, 255] or float in [0, 1]; the
 output .npy has the same shape, float32 in [0, 1].
+
+A model trained on pictures (data.dataset=images) denoises each picture at its own size and
+writes it back in its own format, size, mode and bit depth (8- or 16-bit gray, RGB; alpha
+kept as it was; palette and CMYK pictures come back as RGB, 1-bit ones as 8-bit gray): big
+pictures go through the model in tiles (--tile, with overlap, no seams), so memory stays
+bounded. --noise-sigma S corrupts them first (0-255 scale).
 
 `--noise-factor F` corrupts the inputs first with the checkpoint's noise kind (or
 `--noise-kind`) at level F and also writes the noisy versions (`*_noisy.*`): a way to see
@@ -78,7 +84,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
                            f"of mnist-denoise that trained it") from e
     from safetensors.torch import load_file
 
-    model = build_model(cfg.model.name, **cfg.model.settings())
+    model = build_model(cfg.model.name, **cfg.model.settings(), **cfg.data.model_settings())
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as e:  # safetensors and load_state_dict raise several types
@@ -95,9 +101,11 @@ class Item:
 
     source: Path
     images: torch.Tensor
-    kind: str  # "image" or "npy"
+    kind: str  # "image" or "npy"; "picture" for a model trained on pictures (full size)
     inverted: bool = False
     npy_shape: tuple[int, ...] = ()
+    mode: str = ""  # a picture's Pillow mode, written back as it was
+    alpha: np.ndarray | None = None  # a picture's transparency, kept as it was
 
 
 def _grayscale(im) -> np.ndarray:
@@ -162,7 +170,75 @@ def _read_npy(path: Path) -> Item:
     return Item(path, x.reshape(-1, 1, SIDE, SIDE), "npy", npy_shape=shape)
 
 
-def read_inputs(paths: list[str]) -> list[Item]:
+# Pillow modes a picture keeps: its own, or the one it is read as (and written back in).
+_PICTURE_MODES = {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "I;16": "I;16", "I;16B": "I;16", "I;16L": "I;16",
+                  "I": "I;16", "1": "L", "P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB"}
+
+
+def _read_picture(path: Path) -> Item:
+    """A picture at its own size: (1, C, H, W) float32 in [0, 1] (C 1 or 3), its mode and alpha."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                mode = _PICTURE_MODES.get(im.mode)
+                if mode is None:
+                    raise DenoiseError(f"input {path} has pixels of mode {im.mode}, which this denoiser does not write "
+                                       f"back: save it as 8- or 16-bit gray, RGB or RGBA")
+                im = im.convert(mode) if mode != im.mode and not im.mode.startswith("I") else im
+                array = np.asarray(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DenoiseError(f"input {path} is larger than Pillow's limit for a picture ({brief(e)}): crop it into "
+                           f"pieces, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DenoiseError(f"input {path} is not an image Pillow can read ({brief(e)}): "
+                           f"give PNG, JPEG or TIFF pictures") from e
+    alpha = None
+    if mode in ("LA", "RGBA"):
+        array, alpha = array[..., :-1], array[..., -1]
+    scale = 65535.0 if mode == "I;16" else 255.0
+    array = array.astype(np.float32).reshape(*array.shape[:2], -1) / scale
+    return Item(path, torch.from_numpy(array.transpose(2, 0, 1).copy())[None].clamp_(0, 1), "picture", mode=mode,
+                alpha=alpha)
+
+
+def _write_picture(item: Item, pixels: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    if item.mode == "I;16":
+        Image.fromarray((pixels[0, 0] * 65535.0).round().numpy().astype(np.uint16)).save(path)  # mode I;16
+        return
+    array = (pixels[0] * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if item.alpha is not None:
+        array = np.concatenate([array, item.alpha[..., None]], axis=2)
+    array = array[..., 0] if array.shape[2] == 1 else array
+    kept = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    Image.fromarray(array).save(path, **kept)  # uint8 with 1, 2, 3 or 4 channels: L, LA, RGB or RGBA
+
+
+@torch.no_grad()
+def denoise_picture(model: nn.Module, picture: torch.Tensor, channels: int, device: torch.device,
+                    tile: int) -> torch.Tensor:
+    """The model's output for one picture (1, C, H, W), tiled (images.denoise_tiled), on the CPU.
+    A gray model denoises each channel of a colour picture alone; a colour model sees a gray
+    picture as three equal channels, and their mean comes back."""
+    from train.images import denoise_tiled
+
+    x = picture.to(device)
+    if x.shape[1] != channels:
+        x = x.transpose(0, 1) if channels == 1 else x.expand(-1, 3, -1, -1)
+    out = denoise_tiled(model, x, tile=tile).float().clamp_(0, 1)
+    if out.shape[1] != picture.shape[1]:
+        out = out.transpose(0, 1) if channels == 1 else out.mean(1, keepdim=True)
+    return out.cpu()
+
+
+def read_inputs(paths: list[str], pictures: bool = False) -> list[Item]:
     """Every input, in order; a folder stands for the files directly in it (sorted)."""
     files: list[Path] = []
     for p in map(Path, paths):
@@ -174,15 +250,22 @@ def read_inputs(paths: list[str]) -> list[Item]:
             raise DenoiseError(f"input {p} does not exist: give image files, .npy files or folders of them")
     if not files:
         raise DenoiseError(f"no input files in {', '.join(paths)}: give image files, .npy files or folders of them")
+    if pictures:
+        return [_read_picture(f) for f in files]
     return [_read_npy(f) if f.suffix.lower() == ".npy" else _read_image(f) for f in files]
 
 
 # -- outputs --------------------------------------------------------------------------------
 def _out_path(item: Item, stem: Path) -> Path:
+    if item.kind == "picture":  # a picture is written as it came: same format
+        return stem.with_suffix(item.source.suffix)
     return stem.with_suffix(".npy" if item.kind == "npy" else ".png")
 
 
 def _write(item: Item, images: torch.Tensor, stem: Path) -> None:
+    if item.kind == "picture":
+        _write_picture(item, images, _out_path(item, stem))
+        return
     if item.kind == "npy":
         np.save(_out_path(item, stem), images.reshape(item.npy_shape).numpy())
         return
@@ -248,12 +331,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --noise-factor noise")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
+    parser.add_argument("--noise-sigma", type=float,
+                        help="pictures: corrupt them first with Gaussian noise of this std, 0-255 scale (a demo)")
+    parser.add_argument("--tile", type=int, default=256,
+                        help="pictures: side of the tiles a big picture is denoised in, a multiple of 4 (memory)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors too")
     args = parser.parse_args(argv)
     if args.noise_factor is not None and not args.noise_factor >= 0:
         raise DenoiseError(f"--noise-factor must be >= 0, got {args.noise_factor}")
     if args.batch_size < 1:
         raise DenoiseError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.noise_sigma is not None:
+        if not 0 <= args.noise_sigma <= 255:
+            raise DenoiseError(f"--noise-sigma is a std on the 0-255 scale: give 0 to 255, got {args.noise_sigma}")
+        if args.noise_factor is not None:
+            raise DenoiseError("--noise-sigma and --noise-factor both set the noise: give one of them")
+        args.noise_factor, args.noise_kind = args.noise_sigma / 255, "gaussian"
+    if args.tile < 16 or args.tile % 4:
+        raise DenoiseError(f"--tile must be a multiple of 4, at least 16 pixels, got {args.tile}")
     return args
 
 
@@ -263,9 +358,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     device = _device(args.device)
     model, cfg = load_trained(args.checkpoint, device)
-    items = read_inputs(args.inputs)
+    pictures = cfg.data.dataset == "images"
+    items = read_inputs(args.inputs, pictures)
     out_dir = Path(args.out)
     stems = _out_stems(items, out_dir, noisy=args.noise_factor is not None)
+    if pictures:
+        return _run_pictures(args, model, cfg, device, items, stems, t0)
     images = torch.cat([item.images for item in items])
     if args.noise_factor is not None:
         kind = args.noise_kind or cfg.noise.kind
@@ -287,6 +385,30 @@ def run(args: argparse.Namespace) -> int:
         raise DenoiseError(f"cannot write to {out_dir} ({e.strerror}): choose a writable --out folder") from e
     print(f"denoised {counted(len(images), 'image')} from {counted(len(items), 'file')} with {cfg.model.name} on {device} "
           f"in {time.perf_counter() - t0:.1f} s: {out_dir}/")
+    return 0
+
+
+def _run_pictures(args: argparse.Namespace, model: nn.Module, cfg, device: torch.device, items: list[Item],
+                  stems: list[Path], t0: float) -> int:
+    """Each picture at its own size, mode and bit depth (a model trained with data.dataset=images)."""
+    from train import noise
+
+    out_dir = Path(args.out)
+    pixels = 0
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, (item, stem) in enumerate(zip(items, stems)):
+            picture = item.images
+            if args.noise_factor is not None:
+                spec = noise.NoiseSpec(args.noise_kind or cfg.noise.kind, args.noise_factor, args.noise_factor)
+                picture = noise.add_noise(picture, torch.tensor([i]), spec, args.seed, noise.EVAL_EPOCH, wide=True)
+                _write(item, picture, stem.with_name(stem.name + "_noisy"))
+            _write(item, denoise_picture(model, picture, cfg.data.channels, device, args.tile), stem)
+            pixels += picture.shape[-1] * picture.shape[-2]
+    except OSError as e:
+        raise DenoiseError(f"cannot write to {out_dir} ({e.strerror}): choose a writable --out folder") from e
+    print(f"denoised {counted(len(items), 'picture')} ({pixels / 1e6:.2f} megapixels) at full size with "
+          f"{cfg.model.name} on {device} in {time.perf_counter() - t0:.1f} s: {out_dir}/")
     return 0
 
 

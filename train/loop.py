@@ -27,7 +27,7 @@ from train.exact import ExactReduction
 from train.plan import BatchPlan, lr_at, schedule_of
 from train.faults import fault_point
 from train.lifecycle import StopFlag, Stopped
-from train.tracking import SAMPLES_KEY, NullTracker, sample_indices, save_samples
+from train.tracking import SAMPLES_KEY, NullTracker, sample_indices, save_picture_samples, save_samples
 
 
 class NonFiniteLossError(UserError):
@@ -43,11 +43,13 @@ BatchMaker = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 
 def batch_maker(split: Split, spec: noise.NoiseSpec) -> BatchMaker:
     """`make(indices, key)`: the (clean, noisy) training batch of `split`'s samples `indices`
-    in the noise stream `key` (an int32 device tensor: see noise.keyed_gaussian)."""
+    in the epoch's stream `key` (an int32 device tensor: see noise.keyed_gaussian). `split`:
+    MNIST's, or the patches of pictures (train/images.py), whose noise is hashed `wide`."""
+    wide = not isinstance(split, Split)
 
     def make(indices: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        clean = split.batch(indices)
-        return clean, noise.keyed_add_noise(clean, indices, spec, key)
+        clean = split.batch(indices, key)
+        return clean, noise.keyed_add_noise(clean, indices, spec, key, wide)
 
     return make
 
@@ -108,7 +110,8 @@ class Trainer:
         self.exact = ExactReduction(model, self.forward_passes, accelerator.device) if tc.exact_reduction else None
         self.schedule = schedule_of(cfg, plan, len(train_split))
         self.scheduled_lr = tc.lr_schedule != "constant" or tc.warmup_steps > 0
-        self.sample_indices = sample_indices(test_split, cfg.eval.num_sample_images)
+        self.pictures = not isinstance(test_split, Split)  # data.dataset=images: scored picture by picture
+        self.sample_indices = None if self.pictures else sample_indices(test_split, cfg.eval.num_sample_images)
         make_batch = batch_maker(train_split, cfg.noise.train_spec())
         # perf.compile also fuses the gather, the conversion and the noise hash (~45 small
         # integer and float kernels eager) into one.
@@ -117,7 +120,7 @@ class Trainer:
         self.seconds = {"evaluation": 0.0, "checkpoints": 0.0}  # wall time of this process, by activity
         self.counts = {"evaluation": 0, "checkpoints": 0}
         self.train_step = EagerStep(self) if not cfg.perf.cuda_graphs else self._capture_step()
-        if cfg.eval.min_output_std > 0 and len(test_split) < 2:
+        if cfg.eval.min_output_std > 0 and len(test_split) < 2 and not self.pictures:
             tracker.info("eval.min_output_std is not applied: it compares test images, and there is only one")
 
     def _settle_gradient_buckets(self) -> None:
@@ -131,7 +134,7 @@ class Trainer:
         """
         if self.accelerator.num_processes < 2 or self.exact is not None:  # exact: DDP never reduces
             return
-        dummy = torch.zeros(1, *self.train_split.images.shape[1:], device=self.accelerator.device)
+        dummy = torch.zeros(1, *self.train_split.sample_shape, device=self.accelerator.device)
         self.accelerator.backward(self.model(dummy).float().sum())
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -181,7 +184,7 @@ class Trainer:
         from train.speed.cuda_graph import CapturedStep
 
         t0 = time.perf_counter()
-        shape = (self.plan.per_device_batch_size, *self.train_split.images.shape[1:])
+        shape = (self.plan.per_device_batch_size, *self.train_split.sample_shape)
         captured = CapturedStep(self._graph_step, torch.rand(shape, device=self.accelerator.device), self.model,
                                 self.optimizer, make_epoch=functools.partial(epoch_batches, self.make_batch))
         self.tracker.info(f"captured one optimizer step as a CUDA graph in {time.perf_counter() - t0:.1f} s")
@@ -298,8 +301,11 @@ class Trainer:
     def _score(self, epoch: float) -> None:
         model = self.accelerator.unwrap_model(self.model)  # no DDP hooks needed without gradients
         ev, ec = self.cfg.eval, self.cfg.noise
-        result = metrics.evaluate(model, self.test_split, self.accelerator, ec.eval_spec(), ec.eval_seed,
-                                  ev.per_device_batch_size)
+        if self.pictures:
+            result = metrics.evaluate_pictures(model, self.test_split, self.accelerator, ec.eval_spec(), ec.eval_seed)
+        else:
+            result = metrics.evaluate(model, self.test_split, self.accelerator, ec.eval_spec(), ec.eval_seed,
+                                      ev.per_device_batch_size)
         record = {"step": self.state.step, "epoch": round(epoch, 4), **result}
         self.tracker.log(record)
         self.tracker.info(
@@ -307,8 +313,10 @@ class Trainer:
             f"(noisy {result['eval/noisy_psnr_db']:.2f} dB), SSIM {result['eval/ssim']:.4f}, "
             f"MSE {result['eval/mse']:.5f}"
         )
-        self.tracker.save_image(SAMPLES_KEY, self.state.step, lambda path: save_samples(
-            model, self.test_split, self.sample_indices, ec.eval_spec(), ec.eval_seed, path))
+        shown = ev.num_sample_images if self.pictures else self.sample_indices
+        draw = save_picture_samples if self.pictures else save_samples
+        self.tracker.save_image(SAMPLES_KEY, self.state.step, lambda path: draw(
+            model, self.test_split, shown, ec.eval_spec(), ec.eval_seed, path))
         self._maybe_stop_collapsed(result)
 
     def _maybe_stop_collapsed(self, result: dict[str, float]) -> None:
@@ -319,7 +327,7 @@ class Trainer:
         by training on; the checkpoints saved before it are kept.
         """
         threshold = self.cfg.eval.min_output_std
-        if result["eval/output_std"] >= threshold or self.state.step < self.cfg.eval.collapse_check_from_step:
+        if "eval/output_std" not in result or result["eval/output_std"] >= threshold or self.state.step < self.cfg.eval.collapse_check_from_step:
             return
         if len(self.test_split) < 2:  # a std across one image is 0 however well the model denoises
             return

@@ -81,13 +81,28 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     notes += rundir.claim(accelerator)
     resume_from = checkpoint.pick_resume(accelerator, output_dir, cfg.checkpoint.resume, notes)
 
-    # Download once: the global main process first, then (for nodes without a shared
-    # filesystem) each node's local main process, then everyone else reads the files.
-    with accelerator.main_process_first(), accelerator.local_main_process_first():
-        train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
-                                             cfg.data.train_samples, cfg.data.test_samples,
-                                             cfg.data.download_timeout_s)
-    notes += sample_limit_notes(cfg.data, train_split, test_split)
+    if cfg.data.dataset == "images":
+        from train.images import Patches, load_pictures
+
+        dc = cfg.data
+        train_pictures = load_pictures(dc.train_dir, "data.train_dir", dc.channels, accelerator.device,
+                                       dc.memory_limit_mib, min_side=dc.patch_size)
+        test_split = load_pictures(dc.test_dir, "data.test_dir", train_pictures.channels, accelerator.device,
+                                   dc.memory_limit_mib - train_pictures.mib)
+        train_split = Patches(train_pictures, dc.patch_size, dc.patches_per_image)
+        dc.channels = train_pictures.channels  # config.yaml says what the model takes (denoise reads it)
+        notes.append(f"pictures: {counted(len(train_pictures), 'training picture')} ({dc.patches_per_image} patches "
+                     f"of {dc.patch_size}x{dc.patch_size} each per epoch), {counted(len(test_split), 'test picture')}, "
+                     f"{dc.channels} channel(s), {train_pictures.mib + test_split.mib:.1f} MiB on {accelerator.device} "
+                     f"(data.memory_limit_mib={dc.memory_limit_mib}); fingerprint {train_pictures.fingerprint}")
+    else:
+        # Download once: the global main process first, then (for nodes without a shared
+        # filesystem) each node's local main process, then everyone else reads the files.
+        with accelerator.main_process_first(), accelerator.local_main_process_first():
+            train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
+                                                 cfg.data.train_samples, cfg.data.test_samples,
+                                                 cfg.data.download_timeout_s)
+        notes += sample_limit_notes(cfg.data, train_split, test_split)
 
     plan = plan_of(cfg.train, accelerator.num_processes)
     if not cfg.train.global_batch_size and plan.processes > 1:  # a new user's 2-process run trains at 2x the batch
@@ -96,11 +111,12 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
                      f"another number of processes changes it (and the run's result); "
                      f"train.global_batch_size={plan.global_batch} keeps it")
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
-    model = build_model(cfg.model.name, **cfg.model.settings())
+    model = build_model(cfg.model.name, **cfg.model.settings(), **cfg.data.model_settings())
     notes += apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
     optimizer = build_optimizer(model, plan.peak_lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision))
+    state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision,
+                                                                getattr(train_split, "pictures", None)))
     if resume_from is not None:
         state = checkpoint.load(accelerator, resume_from, state.compat, optimizer,
                                 defaults={"model.settings": cfg.model.default_settings()}, notes=notes)

@@ -107,3 +107,34 @@ def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, spec: noi
         "eval/output_std": output_std,
         "eval/images": len(every),
     }
+
+
+@torch.no_grad()
+def evaluate_pictures(model: nn.Module, pictures, accelerator: Accelerator, spec: noise.NoiseSpec,
+                      seed: int) -> dict[str, float]:
+    """Score each test picture (train/images.py's Pictures) whole, sharded over ranks: MSE, PSNR
+    and SSIM per picture (SSIM per channel, averaged), then the mean over pictures, in picture
+    order on every rank. Big pictures are denoised in tiles (images.denoise_tiled)."""
+    from train.images import denoise_tiled
+
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    rows = []  # per picture: [index, mse, noisy mse, psnr, noisy psnr, ssim]
+    for i in eval_shard(len(pictures), accelerator.num_processes, accelerator.process_index).tolist():
+        clean = pictures.picture(i)
+        noisy = noise.add_noise(clean, torch.tensor([i], device=device), spec, seed, noise.EVAL_EPOCH, wide=True)
+        out = denoise_tiled(model, noisy).float()
+        mse, noisy_mse = (out - clean).pow(2).mean().item(), (noisy - clean).pow(2).mean().item()
+        ssim = ssim_per_image(out.transpose(0, 1), clean.transpose(0, 1)).mean().item()
+        rows.append([i, mse, noisy_mse, psnr_db(mse), psnr_db(noisy_mse), ssim])
+    longest = math.ceil(len(pictures) / accelerator.num_processes)
+    rows += [[-1.0] * 6] * (longest - len(rows))  # equal lengths for the gather; -1 marks padding
+    every = accelerator.gather(torch.tensor(rows, dtype=torch.float64, device=device))
+    every = every[every[:, 0] >= 0]
+    every = every[every[:, 0].argsort()]
+    assert len(every) == len(pictures), "evaluation must score each test picture exactly once"
+    model.train(was_training)
+    mse, noisy_mse, psnr, noisy_psnr, ssim = (every[:, k].mean().item() for k in range(1, 6))
+    return {"eval/mse": mse, "eval/psnr_db": psnr, "eval/ssim": ssim, "eval/noisy_psnr_db": noisy_psnr,
+            "eval/images": len(every)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,7 +48,9 @@ def unet_widths(channels: int, levels: int, top_channels: int = 0) -> list[int]:
 
 
 class UNet(nn.Module):
-    """A small U-Net that predicts the noise; 28x28 in, 28x28 out in [0, 1].
+    """A small U-Net that predicts the noise; fully convolutional: a picture of any size (and
+    `image_channels` channels) in, the same size out, in [0, 1]. Sizes that the pooling does
+    not halve evenly are padded at the bottom and right (edge pixels repeated) and cropped back.
 
     `levels` resolutions (28, 14, 7 for 3), with the feature maps of `unet_widths`. Each level
     of the encoder is a double conv (after a 2x2 max-pool below the top); the decoder
@@ -65,28 +68,33 @@ class UNet(nn.Module):
     with the gradient passed straight through, so a pixel pushed out of range can come back.
     """
 
-    def __init__(self, channels: int = 32, levels: int = 3, top_channels: int = 0) -> None:
+    def __init__(self, channels: int = 32, levels: int = 3, top_channels: int = 0, image_channels: int = 1) -> None:
         super().__init__()
         if not (1 <= levels <= 3):  # 28 -> 14 -> 7: one more halving would not undo exactly
             raise ValueError(f"levels must be in [1, 3], got {levels}")
         widths = unet_widths(channels, levels, top_channels)
-        self.encoder = nn.ModuleList(_double_conv(1 if i == 0 else widths[i - 1], widths[i]) for i in range(levels))
+        self.multiple = 2 ** (levels - 1)  # pixels: the sides the pooling halves evenly
+        self.encoder = nn.ModuleList(_double_conv(image_channels if i == 0 else widths[i - 1], widths[i])
+                                     for i in range(levels))
         self.pool = nn.MaxPool2d(2, 2)
         self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
                                       for i in range(levels - 1))
         self.decoder = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in range(levels - 1))
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(widths[0], image_channels, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
-        x, skips = noisy, []
+        height, width = noisy.shape[-2:]
+        pad_h, pad_w = -height % self.multiple, -width % self.multiple
+        x = F.pad(noisy, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else noisy
+        skips = []
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else self.pool(x))
             skips.append(x)
         for i in reversed(range(len(self.decoder))):
             x = self.decoder[i](torch.cat([self.upsample[i](x), skips[i]], dim=1))
-        out = noisy - self.head(x)
+        out = noisy - self.head(x)[..., :height, :width]
         return out + (out.clamp(0.0, 1.0) - out).detach()  # clipped values, identity gradient
 
 

@@ -68,23 +68,31 @@ def _uniforms(counter: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
     return (((bits >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def _pixel_uniforms(indices: torch.Tensor, numel: int, key: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixel_uniforms(indices: torch.Tensor, numel: int, key: int | torch.Tensor,
+                    wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent uniforms per pixel, shape (len(indices), numel) each."""
     # Counter of each value: 2 per pixel, numel pixels per sample; for MNIST
     # (60,000 x 784 x 2) it stays below 2**27, well inside int32 (index < 2**30 / (2 numel)).
+    # `wide` (pictures, whose index x numel may pass 2**30): the index goes into each sample's
+    # key instead, and the counter is the pixel's alone.
     # Both values of a pixel are hashed in one pass over a (..., 2) tensor: half the eager
     # kernels of two passes (each kernel is a launch, which dominates small GPU batches).
     pixel = torch.arange(numel, device=indices.device, dtype=torch.int32)
     pair = torch.arange(2, device=indices.device, dtype=torch.int32)
-    counter = ((indices.to(torch.int32)[:, None] * numel + pixel[None, :]) * 2)[:, :, None] + pair
-    u = _uniforms(counter, key)
+    if wide:
+        key = _mix32(torch.as_tensor(key, dtype=torch.int32, device=indices.device) ^ _mix32(indices.to(torch.int32)))
+        u = _uniforms((pixel[None, :, None] * 2) + pair, key.view(-1, 1, 1))
+    else:
+        counter = ((indices.to(torch.int32)[:, None] * numel + pixel[None, :]) * 2)[:, :, None] + pair
+        u = _uniforms(counter, key)
     return u[..., 0], u[..., 1]
 
 
-def keyed_gaussian(indices: torch.Tensor, shape: tuple[int, ...], key: int | torch.Tensor) -> torch.Tensor:
+def keyed_gaussian(indices: torch.Tensor, shape: tuple[int, ...], key: int | torch.Tensor,
+                   wide: bool = False) -> torch.Tensor:
     """`gaussian` for the stream `key` = stream_key(seed, epoch): an int, or an int32 scalar
     tensor on the device (so a compiled function serves every epoch without recompiling)."""
-    u1, u2 = _pixel_uniforms(indices, math.prod(shape), key)
+    u1, u2 = _pixel_uniforms(indices, math.prod(shape), key, wide)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)  # Box-Muller
     return z.view(len(indices), *shape)
 
@@ -98,14 +106,15 @@ def sample_levels(indices: torch.Tensor, key: int | torch.Tensor, low: float, hi
     return low + (high - low) * _uniforms(indices.to(torch.int32), level_key)
 
 
-def add_noise(clean: torch.Tensor, indices: torch.Tensor, spec: NoiseSpec | float, seed: int, epoch: int) -> torch.Tensor:
+def add_noise(clean: torch.Tensor, indices: torch.Tensor, spec: NoiseSpec | float, seed: int, epoch: int,
+              wide: bool = False) -> torch.Tensor:
     """Corrupt `clean` (N, C, H, W) in [0, 1] by `spec` (a float: the reference Gaussian
-    level), with the noise of (seed, epoch, indices)."""
-    return keyed_add_noise(clean, indices, spec, stream_key(seed, epoch))
+    level), with the noise of (seed, epoch, indices); `wide` for pictures (see _pixel_uniforms)."""
+    return keyed_add_noise(clean, indices, spec, stream_key(seed, epoch), wide)
 
 
 def keyed_add_noise(clean: torch.Tensor, indices: torch.Tensor, spec: NoiseSpec | float,
-                    key: int | torch.Tensor) -> torch.Tensor:
+                    key: int | torch.Tensor, wide: bool = False) -> torch.Tensor:
     """`add_noise` for the stream `key` (see keyed_gaussian).
 
     gaussian: clean + level x N(0, 1), clipped back to [0, 1] (the reference corruption).
@@ -118,10 +127,10 @@ def keyed_add_noise(clean: torch.Tensor, indices: torch.Tensor, spec: NoiseSpec 
     else:
         level = sample_levels(indices, key, spec.low, spec.high).view(-1, *([1] * (clean.dim() - 1)))
     if spec.kind == "gaussian":
-        z = keyed_gaussian(indices, tuple(clean.shape[1:]), key)
+        z = keyed_gaussian(indices, tuple(clean.shape[1:]), key, wide)
         return (clean + level * z).clamp_(0.0, 1.0)
     if spec.kind == "salt_pepper":
-        u1, u2 = _pixel_uniforms(indices, math.prod(clean.shape[1:]), key)
+        u1, u2 = _pixel_uniforms(indices, math.prod(clean.shape[1:]), key, wide)
         hit, salt = u1.view_as(clean) < level, (u2.view_as(clean) < 0.5).to(clean.dtype)
         return torch.where(hit, salt, clean)
     raise ValueError(f"unknown noise kind {spec.kind!r}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from torch import nn
@@ -231,7 +232,8 @@ def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int
     """The run's settings as they are in effect, first in the log."""
     tracker.info("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
     tracker.info(f"model {cfg.model.name}: {n_params:,} parameters; output in {cfg.output_dir}")
-    tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}")
+    scale = f" (noise.sigma={cfg.noise.sigma:g} on the 0-255 scale)" if cfg.noise.sigma else ""
+    tracker.info(f"noise: train {cfg.noise.train_spec().describe()}, test {cfg.noise.eval_spec().describe()}{scale}")
     tc = cfg.train
     tracker.info(f"global batch {setup['global_batch']} images per optimizer step ({setup['per_device_batch']} per "
                  f"process per micro-step), lr {setup['lr']:g} "
@@ -260,14 +262,34 @@ def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: no
     save_grid(torch.cat([noisy, out, clean]), len(indices), path)
 
 
+@torch.no_grad()
+def save_picture_samples(model: nn.Module, pictures, n: int, spec: noise.NoiseSpec, seed: int, path: Path,
+                         side: int = 128) -> None:
+    """A PNG with one column per test picture (the first `n`, a centre crop of `side` pixels) and
+    rows noisy / denoised / clean, as evaluation denoises them (the whole picture, then cropped)."""
+    from train.images import denoise_tiled
+
+    columns = []
+    for i in range(min(n, len(pictures))):
+        clean = pictures.picture(i)
+        noisy = noise.add_noise(clean, torch.tensor([i], device=clean.device), spec, seed, noise.EVAL_EPOCH, wide=True)
+        out = denoise_tiled(model, noisy).float()
+        h, w = clean.shape[-2:]
+        top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
+        crop = [t[..., top:top + side, left:left + side] for t in (noisy, out, clean)]
+        columns.append([F.pad(c, (0, side - c.shape[-1], 0, side - c.shape[-2]), value=0.5) for c in crop])
+    save_grid(torch.cat([column[row] for row in range(3) for column in columns]), len(columns), path)
+
+
 def save_grid(images: torch.Tensor, per_row: int, path: Path, pad: int = 2, pad_value: float = 0.5) -> None:
-    """Images (N, 1, H, W) in [0, 1] as one grayscale PNG, `per_row` to a row, `pad` grey pixels around each."""
+    """Images (N, C, H, W) in [0, 1], C 1 or 3, as one PNG, `per_row` to a row, `pad` grey pixels around each."""
     from PIL import Image  # torchvision's dependency; torchvision itself is slow to import
 
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     rows = -(-n // per_row)
-    grid = torch.full((pad + rows * (h + pad), pad + per_row * (w + pad)), pad_value)
+    grid = torch.full((c, pad + rows * (h + pad), pad + per_row * (w + pad)), pad_value)
     for i, image in enumerate(images.detach().float().cpu()):
         top, left = pad + (i // per_row) * (h + pad), pad + (i % per_row) * (w + pad)
-        grid[top:top + h, left:left + w] = image[0]
-    Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()).save(path)
+        grid[:, top:top + h, left:left + w] = image
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    Image.fromarray(pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()).save(path)
