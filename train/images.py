@@ -14,6 +14,7 @@ digest of their names and bytes, and a resume with other pictures is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +44,15 @@ def find_pictures(folder: str | Path, key: str) -> list[Path]:
     return found
 
 
-def read_picture(path: Path) -> np.ndarray:
-    """The picture at `path` as an H x W x C array (C 1 or 3) of uint8, or uint16 for a 16-bit gray
+def read_picture(path: Path, data: bytes | None = None) -> np.ndarray:
+    """The picture at `path` (its bytes `data`, if already read) as an H x W x C array (C 1 or 3) of uint8, or uint16 for a 16-bit gray
     one. Transparency is dropped. Raises ValueError (unreadable) or DataError (too large)."""
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to 2x its limit
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data) if data is not None else path) as im:
                 im.load()
                 picture = im.copy()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -129,7 +130,7 @@ def load_pictures(folder: str, key: str, channels: int, device: torch.device, me
     for path in paths:
         try:
             data = path.read_bytes()
-            arrays.append(read_picture(path))
+            arrays.append(read_picture(path, data))  # the bytes read once: the digest and the picture
         except (OSError, ValueError) as e:
             unreadable.append(f"{path.relative_to(folder)} ({e})")
             continue
