@@ -1,8 +1,9 @@
 """Typed run configuration: dataclass defaults < YAML file < dotted CLI overrides.
 
 Values are YAML scalars (with YAML 1.2 booleans: only true/false). Every value is checked
-once, here, before any work starts: unknown keys (with the nearest
-valid names), wrong types and out-of-range values all raise `ConfigError` naming the key.
+once, here, before any work starts: unknown keys (with the nearest valid names), wrong types,
+and values outside the bounds each field declares (`option`) or that its section's rules
+refuse all raise `ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -36,45 +37,75 @@ def _check(ok: bool, key: str, why: str) -> None:
         raise ConfigError(f"config key '{key}' {why}")
 
 
-DATASETS = ("mnist", "images")
+def option(default: Any, *, low: float | None = None, high: float | None = None, above: float | None = None,
+           choices: tuple | None = None) -> Any:
+    """A field's default and the values it allows: at least `low`, at most `high`, more than
+    `above`, or one of `choices`. `Section` checks them; docs/configuration.md lists them."""
+    bounds = {"low": low, "high": high, "above": above, "choices": choices}
+    return field(default=default, metadata={k: v for k, v in bounds.items() if v is not None})
+
+
+def allowed(meta: typing.Mapping[str, Any]) -> str:
+    """A field's bounds in words, e.g. '>= 1', 'in [0, 255]', 'one of: no, bf16, fp16'."""
+    if "choices" in meta:
+        return "one of: " + ", ".join(map(str, meta["choices"]))
+    if "low" in meta and "high" in meta:
+        return f"in [{meta['low']:g}, {meta['high']:g}]"
+    return f">= {meta['low']:g}" if "low" in meta else f"> {meta['above']:g}" if "above" in meta else ""
+
+
+class Section:
+    """A config section. `KEY` is where it sits (e.g. 'train'); building one checks each field
+    against its declared bounds first, then the section's own rules (its `check`)."""
+
+    KEY = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta, key = getattr(self, f.name), f.metadata, f"{self.KEY}.{f.name}".lstrip(".")
+            if not meta:
+                continue
+            ok = (value in meta["choices"]) if "choices" in meta else \
+                meta.get("low", -math.inf) <= value <= meta.get("high", math.inf) and value > meta.get("above", -math.inf)
+            _check(ok, key, f"must be {allowed(meta)}, got {show(value)}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields, and those a bound cannot say."""
 
 
 @dataclass
-class DataConfig:
-    dataset: str = "mnist"
+class DataConfig(Section):
+    KEY = "data"
+    dataset: str = option("mnist", choices=("mnist", "images"))
     """mnist (the digits, from `root`) | images (your own pictures: train_dir, test_dir)"""
     root: str = "data"
     """folder that holds MNIST/raw/ (torchvision's layout); relative paths are from the working dir"""
     download: bool = True
     """download MNIST into `root` when it is missing (needs network; main process first)"""
-    train_samples: int = 0
+    train_samples: int = option(0, low=0)
     """use only the first N training images (for quick runs and tests); 0 = all 60,000"""
-    test_samples: int = 0
+    test_samples: int = option(0, low=0)
     """evaluate on only the first N test images; 0 = all 10,000 (the reported metrics)"""
-    download_timeout_s: float = 60.0
+    download_timeout_s: float = option(60.0, above=0)
     """seconds a download waits for an answer from a mirror before giving up on it (torchvision tries 2)"""
     train_dir: str = ""
     """images: folder of training pictures (PNG, JPEG or TIFF; 8- or 16-bit; searched recursively)"""
     test_dir: str = ""
     """images: folder of test pictures, each scored whole"""
-    channels: int = 0
+    channels: int = option(0, choices=(0, 1, 3))
     """images: 1 (gray) or 3 (colour), every picture converted to it; 0 = as the pictures are
     (a folder that mixes gray and colour is refused)"""
-    patch_size: int = 64
+    patch_size: int = option(64, low=16)
     """images: side of the square training patches, in pixels (each training picture must be at least this)"""
-    patches_per_image: int = 64
+    patches_per_image: int = option(64, low=1)
     """images: training patches drawn from each picture per epoch (positions and flips hashed
     from seed, epoch and index)"""
-    memory_limit_mib: int = 2048
+    memory_limit_mib: int = option(2048, low=1)
     """images: the most the decoded pictures may take on the training device (uint8 for
     8-bit pictures, float32 for 16-bit); more is refused"""
 
-    def __post_init__(self) -> None:
-        _check(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {show(self.dataset)}")
-        _check(self.channels in (0, 1, 3), "data.channels", f"must be 0 (as the pictures are), 1 or 3, got {self.channels}")
-        _check(self.patch_size >= 16, "data.patch_size", f"must be >= 16 pixels, got {self.patch_size}")
-        _check(self.patches_per_image >= 1, "data.patches_per_image", f"must be >= 1, got {self.patches_per_image}")
-        _check(self.memory_limit_mib >= 1, "data.memory_limit_mib", f"must be >= 1, got {self.memory_limit_mib}")
+    def check(self) -> None:
         if self.dataset == "images":
             for key in ("train_dir", "test_dir"):
                 _check(getattr(self, key) != "", f"data.{key}", "must name a folder of pictures with data.dataset=images")
@@ -85,9 +116,6 @@ class DataConfig:
     def model_settings(self) -> dict[str, Any]:
         """What the data sets in the model: the channels of pictures (MNIST's 1 is the default)."""
         return {"image_channels": self.channels} if self.dataset == "images" and self.channels else {}
-        _check(self.download_timeout_s > 0, "data.download_timeout_s", f"must be > 0, got {self.download_timeout_s}")
-        _check(self.train_samples >= 0, "data.train_samples", "must be >= 0 (0 = all)")
-        _check(self.test_samples >= 0, "data.test_samples", "must be >= 0 (0 = all)")
 
 
 NOISE_KINDS = ("gaussian", "salt_pepper")
@@ -109,35 +137,34 @@ class NoiseSpec:
 
 
 @dataclass
-class NoiseConfig:
-    kind: str = "gaussian"
+class NoiseConfig(Section):
+    KEY = "noise"
+    kind: str = option("gaussian", choices=NOISE_KINDS)
     """gaussian (clean + factor x N(0, 1), clipped to [0, 1]) | salt_pepper (each pixel, with
     probability factor, set to 0 or 1, half each)"""
-    factor: float = 0.5
+    factor: float = option(0.5, low=0)
     """noise level: the Gaussian std in pixel units (pixels are in [0, 1]), or the fraction of
     salt-and-pepper pixels; evaluation always uses it, training too unless a range is set"""
-    train_factor_min: float = 0.0
+    train_factor_min: float = option(0.0, low=0)
     """low end of the per-sample training level (used when train_factor_max > 0)"""
-    train_factor_max: float = 0.0
+    train_factor_max: float = option(0.0, low=0)
     """> 0: each training sample gets its own level, uniform in [train_factor_min,
     train_factor_max] (a function of seed, epoch and sample); 0 = train at `factor`"""
     eval_seed: int = 1234
     """seed of the fixed evaluation noise; independent of train.seed so runs compare"""
-    sigma: float = 0.0
+    sigma: float = option(0.0, low=0, high=255)
     """> 0: Gaussian noise of this std on the 0-255 scale (15, 25, 50), for training and
     evaluation: the same as factor = sigma / 255"""
-    train_sigma_max: float = 0.0
+    train_sigma_max: float = option(0.0, low=0, high=255)
     """> 0: blind training, each sample's std uniform in [train_sigma_min, train_sigma_max] on the
     0-255 scale (evaluation stays at sigma)"""
-    train_sigma_min: float = 0.0
+    train_sigma_min: float = option(0.0, low=0, high=255)
     """low end of the blind training range, 0-255 scale"""
 
-    def __post_init__(self) -> None:
-        _check(self.kind in NOISE_KINDS, "noise.kind", f"must be one of {NOISE_KINDS}, got {show(self.kind)}")
+    def check(self) -> None:
         for key in ("sigma", "train_sigma_min", "train_sigma_max"):
-            value = getattr(self, key)
-            _check(0 <= value <= 255, f"noise.{key}", f"must be in [0, 255] (the 0-255 scale), got {value}")
-            _check(value == 0 or self.kind == "gaussian", f"noise.{key}", "is a Gaussian std: set noise.kind=gaussian")
+            _check(getattr(self, key) == 0 or self.kind == "gaussian", f"noise.{key}",
+                   "is a Gaussian std: set noise.kind=gaussian")
         _check(self.train_sigma_max == 0 or self.sigma > 0, "noise.train_sigma_max",
                "needs noise.sigma, the evaluation level on the same scale")
         _check(self.train_sigma_min <= self.train_sigma_max, "noise.train_sigma_min",
@@ -152,9 +179,8 @@ class NoiseConfig:
                 self.train_factor_min, self.train_factor_max = self.train_sigma_min / 255, self.train_sigma_max / 255
         for key in ("factor", "train_factor_min", "train_factor_max"):
             value = getattr(self, key)
-            _check(value >= 0, f"noise.{key}", f"must be >= 0, got {value}")
-            if self.kind == "salt_pepper":  # a fraction of the pixels
-                _check(value <= 1, f"noise.{key}", f"must be <= 1 for salt_pepper noise (a fraction), got {value}")
+            _check(value <= 1 or self.kind != "salt_pepper", f"noise.{key}",
+                   f"must be <= 1 for salt_pepper noise (a fraction), got {value}")
         if self.train_factor_max > 0:
             _check(self.train_factor_min <= self.train_factor_max, "noise.train_factor_min",
                    f"must be <= noise.train_factor_max ({self.train_factor_max}), got {self.train_factor_min}")
@@ -171,29 +197,23 @@ class NoiseConfig:
 
 
 @dataclass
-class UNetConfig:
-    channels: int = 32
+class UNetConfig(Section):
+    KEY = "model.unet"
+    channels: int = option(32, low=1)
     """feature maps at 28x28 (unless top_channels is set); each coarser level has twice as many"""
-    levels: int = 3
+    levels: int = option(3, low=1, high=3)
     """resolutions: 1 (28 only), 2 (28, 14) or 3 (28, 14, 7)"""
-    top_channels: int = 0
+    top_channels: int = option(0, low=0)
     """feature maps at 28x28 instead of `channels` (0: `channels`); the costliest level"""
-
-    def __post_init__(self) -> None:
-        _check(self.channels >= 1, "model.unet.channels", f"must be >= 1, got {self.channels}")
-        _check(self.top_channels >= 0, "model.unet.top_channels", f"must be >= 0 (0: channels), got {self.top_channels}")
-        _check(1 <= self.levels <= 3, "model.unet.levels", f"must be 1, 2 or 3, got {self.levels}")
 
 
 @dataclass
-class ModelConfig:
-    name: str = "conv_denoiser"
+class ModelConfig(Section):
+    KEY = "model"
+    name: str = option("conv_denoiser", choices=MODEL_NAMES)
     """which model to train: conv_denoiser (the reference, no settings) or unet (model.unet)"""
     unet: UNetConfig = field(default_factory=UNetConfig)
     """settings of the unet model (ignored by the others)"""
-
-    def __post_init__(self) -> None:
-        _check(self.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got {show(self.name)}")
 
     def settings(self) -> dict[str, Any]:
         """Keyword arguments of the chosen model: its own section, if it has one."""
@@ -207,74 +227,52 @@ class ModelConfig:
 
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-LR_SCALINGS = ("none", "sqrt", "linear")
-LR_SCHEDULES = ("constant", "cosine")
 # torch.compile modes the job can use; the ones with "cudagraphs" would capture graphs of their
 # own, which perf.cuda_graphs does for the whole step instead.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 20
+class TrainConfig(Section):
+    KEY = "train"
+    epochs: int = option(20, low=1)
     """passes over the training set"""
-    max_steps: int = 0
+    max_steps: int = option(0, low=0)
     """stop after this many optimizer steps in total; 0 = run all epochs"""
-    per_device_batch_size: int = 20
+    per_device_batch_size: int = option(20, low=1)
     """images per process per micro-step; global batch = this x processes x accumulation
     (unused when global_batch_size is set)"""
-    global_batch_size: int = 0
+    global_batch_size: int = option(0, low=0)
     """> 0: images per optimizer step on any number of processes (per device: this /
     (processes x accumulation), which must divide), so a checkpoint resumes on another
     world size; 0 = per_device_batch_size x processes x accumulation"""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = option(1, low=1)
     """micro-steps per optimizer step"""
-    lr: float = 1e-3
+    lr: float = option(1e-3, above=0)
     """Adam learning rate at a global batch of lr_reference_batch (see lr_scaling)"""
-    lr_scaling: str = "none"
+    lr_scaling: str = option("none", choices=("none", "sqrt", "linear"))
     """none | sqrt | linear: how the learning rate follows the global batch (per optimizer
     step): lr x (global batch / lr_reference_batch), square-rooted for sqrt"""
-    lr_reference_batch: int = 20
+    lr_reference_batch: int = option(20, low=1)
     """the global batch that train.lr is meant for (the reference recipe's 20)"""
-    lr_schedule: str = "constant"
+    lr_schedule: str = option("constant", choices=("constant", "cosine"))
     """constant (the reference) | cosine: from the peak lr down to 0 at the last optimizer step"""
-    warmup_steps: int = 0
+    warmup_steps: int = option(0, low=0)
     """optimizer steps of linear warm-up from 0 to the peak lr, before the schedule"""
-    seed: int = 0
+    seed: int = option(0, low=0)
     """seeds the data order and the training noise; the same on every process"""
-    mixed_precision: str = "no"
+    mixed_precision: str = option("no", choices=MIXED_PRECISIONS)
     """no | bf16 | fp16 (fp16 needs CUDA); 'no' defers to accelerate launch --mixed_precision"""
-    max_grad_norm: float = 0.0
+    max_grad_norm: float = option(0.0, low=0)
     """clip the global L2 norm of the gradients to this; 0 disables"""
-    collective_timeout_s: int = 600
+    collective_timeout_s: int = option(600, low=10)
     """seconds a rank waits for the others in a collective before failing (a dead rank must not hang the job)"""
     exact_reduction: bool = False
     """sum gradients as fixed-point integers (train/exact.py), so the weights are bit-identical on
     any number of processes of one device kind: per_device_batch_size images per forward pass,
     global_batch_size per optimizer step, the micro-steps between from the world size"""
 
-    def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = no limit), got {self.max_steps}")
-        _check(self.per_device_batch_size >= 1, "train.per_device_batch_size",
-               f"must be >= 1, got {self.per_device_batch_size}")
-        _check(self.global_batch_size >= 0, "train.global_batch_size",
-               f"must be >= 0 (0 = from per_device_batch_size), got {self.global_batch_size}")
-        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
-               f"must be >= 1, got {self.gradient_accumulation_steps}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(self.lr_scaling in LR_SCALINGS, "train.lr_scaling",
-               f"must be one of {LR_SCALINGS}, got {show(self.lr_scaling)}")
-        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
-               f"must be one of {LR_SCHEDULES}, got {show(self.lr_schedule)}")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.lr_reference_batch >= 1, "train.lr_reference_batch", f"must be >= 1, got {self.lr_reference_batch}")
-        _check(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
-        _check(self.mixed_precision in MIXED_PRECISIONS, "train.mixed_precision",
-               f"must be one of {MIXED_PRECISIONS}, got {show(self.mixed_precision)}")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = off), got {self.max_grad_norm}")
-        _check(self.collective_timeout_s >= 10, "train.collective_timeout_s",
-               f"must be >= 10 seconds, got {self.collective_timeout_s}")
+    def check(self) -> None:
         if self.exact_reduction:
             _check(self.global_batch_size > 0, "train.global_batch_size",
                    "must be set (> 0) with train.exact_reduction=true: the images per optimizer step")
@@ -286,19 +284,20 @@ class TrainConfig:
 
 
 @dataclass
-class PerfConfig:
+class PerfConfig(Section):
     """Speed settings. None changes what is computed beyond floating-point rounding; what each
     is worth on which hardware is in docs/performance.md, not here. The rewrites
     (pad_thin_convs, reuse_host_memory, cpu_layers, cuda_graphs) live in train/speed/ and are
     off by default, so the default run trains train/model.py as written."""
 
+    KEY = "perf"
     channels_last: bool = True
     """keep weights and activations in NHWC, which oneDNN (CPU) and cuDNN's tensor-core
     kernels prefer (faster on the CPUs and GPUs measured, except under cuda_graphs at batch 20)"""
     compile: bool = False
     """torch.compile the model and the training noise (inductor); the first steps pay the
     compile time; slower on the CPUs measured"""
-    compile_mode: str = "default"
+    compile_mode: str = option("default", choices=COMPILE_MODES)
     """with compile: 'default', or 'max-autotune-no-cudagraphs' (times Triton kernels against
     cuDNN's for each convolution and matmul: minutes more of compiling)"""
     cudnn_benchmark: bool = False
@@ -321,78 +320,63 @@ class PerfConfig:
     """replay each optimizer step as one captured CUDA graph (one process on one GPU; no
     fp16, no gradient accumulation): removes the per-kernel launch cost that dominates small batches"""
 
-    def __post_init__(self) -> None:
-        _check(self.compile_mode in COMPILE_MODES, "perf.compile_mode",
-               f"must be one of {COMPILE_MODES}, got {show(self.compile_mode)}")
 
 
 @dataclass
-class EvalConfig:
-    per_device_batch_size: int = 1000
+class EvalConfig(Section):
+    KEY = "eval"
+    per_device_batch_size: int = option(1000, low=1)
     """test images per process per forward pass (no gradients, so large is fine)"""
-    every_n_epochs: int = 1
+    every_n_epochs: int = option(1, low=1)
     """evaluate after every N-th epoch; the end of training is always evaluated"""
-    num_sample_images: int = 10
+    num_sample_images: int = option(10, low=1, high=64)
     """digits shown in each samples PNG (the first test image of each class, then the next ones)"""
-    min_output_std: float = 1e-3
+    min_output_std: float = option(1e-3, low=0)
     """stop the run as collapsed when the denoised test images vary less than this across
     images (pixel std, averaged over pixels): the model ignores its input; 0 = never"""
-    collapse_check_from_step: int = 500
+    collapse_check_from_step: int = option(500, low=0)
     """apply min_output_std only to evaluations from this optimizer step on: an untrained
     model's output is near-constant too (the reference's std is ~1e-4 at step 2, ~4e-3 at 100)"""
 
-    def __post_init__(self) -> None:
-        _check(self.per_device_batch_size >= 1, "eval.per_device_batch_size",
-               f"must be >= 1, got {self.per_device_batch_size}")
-        _check(self.every_n_epochs >= 1, "eval.every_n_epochs", f"must be >= 1, got {self.every_n_epochs}")
-        _check(self.min_output_std >= 0, "eval.min_output_std", f"must be >= 0 (0 = off), got {self.min_output_std}")
-        _check(self.collapse_check_from_step >= 0, "eval.collapse_check_from_step",
-               f"must be >= 0, got {self.collapse_check_from_step}")
-        _check(1 <= self.num_sample_images <= 64, "eval.num_sample_images",
-               f"must be in [1, 64], got {self.num_sample_images}")
 
 
 @dataclass
-class CheckpointConfig:
-    every_n_steps: int = 0
+class CheckpointConfig(Section):
+    KEY = "checkpoint"
+    every_n_steps: int = option(0, low=0)
     """also save every N optimizer steps; 0 = only at the end of each epoch"""
-    keep_last: int = 2
+    keep_last: int = option(2, low=1)
     """how many checkpoints to keep (the oldest are deleted)"""
     resume: str = "auto"
     """auto (newest checkpoint in output_dir, if any) | none | a checkpoint folder"""
 
-    def __post_init__(self) -> None:
-        _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", f"must be >= 0, got {self.every_n_steps}")
-        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+    def check(self) -> None:
         _check(self.resume != "", "checkpoint.resume", "must be auto, none or a checkpoint folder")
 
 
-WANDB_MODES = ("online", "offline", "disabled")
 TRACKERS = ("tensorboard",)  # accelerate's trackers the job can feed, besides wandb
 
 
 @dataclass
-class LoggingConfig:
-    wandb_mode: str = "offline"
+class LoggingConfig(Section):
+    KEY = "logging"
+    wandb_mode: str = option("offline", choices=("online", "offline", "disabled"))
     """online | offline (sync later with `wandb sync`) | disabled; never prompts"""
     wandb_project: str = "mnist-denoise"
     """wandb project name"""
     wandb_group: str = ""
     """wandb group of the run (slurm/sweep.sh sets the sweep's name); empty = none"""
-    every_n_steps: int = 100
+    every_n_steps: int = option(100, low=1)
     """log train/loss and train/images_per_s every N optimizer steps"""
     trackers: list[str] = field(default_factory=list)
     """more trackers fed the same metrics through accelerate's tracker API: [tensorboard]
     (OUTPUT_DIR/tensorboard/, needs the tensorboard package); metrics.jsonl stays the record"""
 
-    def __post_init__(self) -> None:
-        _check(self.wandb_mode in WANDB_MODES, "logging.wandb_mode",
-               f"must be one of {WANDB_MODES}, got {show(self.wandb_mode)}")
+    def check(self) -> None:
         for name in self.trackers:
             _check(name in TRACKERS, "logging.trackers", f"has '{name}': the trackers are {TRACKERS}")
             _check(importlib.util.find_spec(name) is not None, "logging.trackers",
                    f"has '{name}' but its package is not installed: pip install {name} (or drop it)")
-        _check(self.every_n_steps >= 1, "logging.every_n_steps", f"must be >= 1, got {self.every_n_steps}")
 
 
 @dataclass
@@ -605,7 +589,7 @@ def reference() -> str:
                 walk(value, f"{prefix}{f.name}.")
             else:
                 shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-                rows.append(f"| `{prefix}{f.name}` | `{shown}` | {docs[type(section).__name__, f.name]} |")
+                rows.append(f"| `{prefix}{f.name}` | `{shown}` | {allowed(f.metadata)} | {docs[type(section).__name__, f.name]} |")
 
     walk(Config(), "")
     return "\n".join([
@@ -616,7 +600,7 @@ def reference() -> str:
         "`section.key=value` overrides after the script: YAML scalars, with YAML 1.2 booleans (`true`/`false`",
         "only). `--config` takes a pipe too, e.g. `--config <(envsubst < template.yaml)`. Unknown keys, wrong",
         "types and bad values stop the run before any work, naming the key and the nearest valid ones.", "",
-        "| key | default | meaning |", "|---|---|---|", *rows, ""])
+        "| key | default | allowed | meaning |", "|---|---|---|---|", *rows, ""])
 
 
 if __name__ == "__main__":

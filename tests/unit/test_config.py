@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from conftest import REPO
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, allowed, load_config
 from train.plan import lr_at, plan_of
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -122,7 +122,7 @@ def test_noise_specs_for_training_and_evaluation():
     (["noise.kind=speckle"], ["noise.kind", "gaussian", "salt_pepper"]),
     (["noise.kind=salt_pepper", "noise.factor=1.5"], ["noise.factor", "<= 1", "fraction"]),
     (["noise.train_factor_min=0.6", "noise.train_factor_max=0.4"], ["noise.train_factor_min", "<="]),
-    (["model.unet.levels=4"], ["model.unet.levels", "1, 2 or 3"]),
+    (["model.unet.levels=4"], ["model.unet.levels", "in [1, 3]"]),
     (["model.unet.channels=0"], ["model.unet.channels", ">= 1"]),
     (["model.unet.top_channels=-2"], ["model.unet.top_channels", ">= 0"]),
     (["train.lr_schedule=linear"], ["train.lr_schedule", "cosine"]),
@@ -135,6 +135,44 @@ def test_issue7_keys_fail_naming_the_key(overrides, words):
         load_config(None, overrides)
     for w in words:
         assert w in str(err.value), (w, str(err.value))
+
+
+def _leaves(obj, prefix=""):
+    """(dotted key, field, default) of every setting of the config `obj`."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+@pytest.mark.parametrize("key,bounds", [(k, dict(f.metadata)) for k, f, _ in _leaves(Config()) if f.metadata],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_every_declared_bound_refuses_the_value_past_it(key, bounds):
+    """Just past each bound is refused in one line naming the key; the bound itself is accepted."""
+    outside = [bounds["low"] - 1] if "low" in bounds else []
+    outside += [bounds["high"] + 1] if "high" in bounds else []
+    outside += [bounds["above"]] if "above" in bounds else []
+    outside += ["not-a-choice"] if "choices" in bounds and isinstance(bounds["choices"][0], str) else []
+    outside += [max(bounds["choices"]) + 1] if "choices" in bounds and isinstance(bounds["choices"][0], int) else []
+    assert outside
+    for value in outside:
+        with pytest.raises(ConfigError, match=f"config key '{key}' must be ") as err:
+            load_config(None, [f"{key}={value}"])
+        assert "\n" not in str(err.value)
+    for edge in [bounds[k] for k in ("low", "high") if k in bounds]:  # may still break a rule between keys
+        try:
+            load_config(None, [f"{key}={edge}"])
+        except ConfigError as e:
+            assert f"'{key}' must be {allowed(bounds)}" not in str(e), str(e)
+
+
+def test_mnist_sample_limits_and_timeout_are_checked():
+    # These checks once sat after a return, unreachable: -1 samples were taken as "all".
+    for override in ("data.train_samples=-1", "data.test_samples=-3", "data.download_timeout_s=0"):
+        with pytest.raises(ConfigError, match=f"config key '{override.split('=')[0]}'"):
+            load_config(None, [override])
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_zero():
@@ -162,24 +200,15 @@ def test_a_retired_key_loads_when_off_and_says_where_it_went_when_on(tmp_path):
         load_config(None, ["perf.fuse_first_block=true"])
 
 
-def _flat_defaults(obj, prefix=""):
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _flat_defaults(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value
-
-
 def test_the_configuration_page_is_generated_from_every_keys_docstring():
     from train.config import reference
 
     page = reference()  # a key without a docstring fails here
     assert (REPO / "docs" / "configuration.md").read_text() == page, "run python -m train.config > docs/configuration.md"
-    keys = dict(_flat_defaults(Config()))
+    keys = [key for key, _, _ in _leaves(Config())]
     rows = [line.split("|")[1].strip(" `") for line in page.splitlines() if line.startswith("| `")]
-    assert rows == list(keys)
-    assert "| `train.lr` | `0.001` | Adam learning rate" in page and "| `logging.trackers` | `[]` |" in page
+    assert rows == keys
+    assert "| `train.lr` | `0.001` | > 0 | Adam learning rate" in page and "| `logging.trackers` | `[]` |  |" in page
 
 
 def test_a_global_batch_size_fixes_the_batch_on_any_world_size_that_divides_it():
