@@ -20,9 +20,9 @@ output .npy has the same shape, float32 in [0, 1].
 
 A model trained on pictures (data.dataset=images) denoises each picture at its own size and
 writes it back in its own format, size, mode and bit depth (8- or 16-bit gray, RGB; alpha
-kept as it was; palette and CMYK pictures come back as RGB, 1-bit ones as 8-bit gray): big
-pictures go through the model in tiles (--tile, with overlap, no seams), so memory stays
-bounded. --noise-sigma S corrupts them first (0-255 scale).
+kept as it was; palette and CMYK pictures come back as RGB, or gray where all their colours
+are, 1-bit ones as 8-bit gray): big pictures go through the model in tiles (--tile, with
+overlap, no seams), so memory stays bounded. --noise-sigma S corrupts them first (0-255 scale).
 
 `--noise-factor F` corrupts the inputs first with the checkpoint's noise kind (or
 `--noise-kind`) at level F and also writes the noisy versions (`*_noisy.*`): a way to see
@@ -96,8 +96,8 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 # -- inputs ---------------------------------------------------------------------------------
 @dataclass
 class Item:
-    """One input file: its images (N, 1, 28, 28) float32 in [0, 1] as the model sees them, and
-    how to write the result back."""
+    """One input file: its images as the model sees them, float32 in [0, 1] ((N, 1, 28, 28)
+    digits, or one (1, C, H, W) picture), and how to write the result back."""
 
     source: Path
     images: torch.Tensor
@@ -108,36 +108,33 @@ class Item:
     alpha: np.ndarray | None = None  # a picture's transparency, kept as it was
 
 
-def _grayscale(im) -> np.ndarray:
-    """(H, W) float32 in [0, 1]. Transparent pixels take the background colour that contrasts
-    with the strokes (white under dark strokes, black under light ones): Pillow's plain
-    conversion would keep the invisible colour beneath them, often the strokes' own."""
-    if "A" not in im.getbands() and "transparency" not in im.info:
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    la = np.asarray(im.convert("LA"), dtype=np.float32) / 255.0
-    gray, alpha = la[..., 0], la[..., 1]
-    strokes = float((gray * alpha).sum() / max(alpha.sum(), 1e-6))  # mean grey of what is visible
-    background = 1.0 if strokes < 0.5 else 0.0
-    return gray * alpha + background * (1.0 - alpha)
-
-
-def _read_image(path: Path) -> Item:
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """images.read_picture's (H x W x C array, transparency), or one DenoiseError."""
+    from train.images import read_picture
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over ~89 M pixels: refuse, not warn
-            with Image.open(path) as im:
-                gray = _grayscale(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DenoiseError(f"input {path} is too large for a digit image ({brief(e)}): shrink it (a few hundred "
-                           f"pixels a side is plenty; the model sees 28x28)") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DenoiseError(f"input {path} is not an image Pillow can read ({brief(e)}): "
-                           f"give PNG (or other image) files or .npy arrays") from e
-    x = torch.from_numpy(gray)
+        return read_picture(path)
+    except ValueError as e:
+        raise DenoiseError(f"input {path} is not an image Pillow can read ({e}): give PNG, JPEG or TIFF images "
+                           f"(or .npy arrays of digits)") from None
+
+
+def _as_float(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) uint8 or uint16 as (1, C, H, W) float32 in [0, 1]."""
+    scale = 65535.0 if array.dtype == np.uint16 else 255.0
+    return torch.from_numpy(array.astype(np.float32).transpose(2, 0, 1) / scale)[None]
+
+
+def _read_digit(path: Path) -> Item:
+    """An image made to look like MNIST (see the module's docstring)."""
+    from train.images import to_channels
+
+    array, alpha = _read(path)
+    x = _as_float(to_channels(array, 1))[0, 0]
+    if alpha is not None:  # transparent pixels take the background that contrasts with the strokes
+        a = torch.from_numpy(alpha.astype(np.float32) / 255.0)
+        strokes = float((x * a).sum() / max(float(a.sum()), 1e-6))  # mean grey of what is visible
+        x = x * a + (1.0 if strokes < 0.5 else 0.0) * (1.0 - a)
     border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
     inverted = bool(border.median() > 0.5)  # dark digit on light paper: MNIST is the other way round
     if inverted:
@@ -170,41 +167,11 @@ def _read_npy(path: Path) -> Item:
     return Item(path, x.reshape(-1, 1, SIDE, SIDE), "npy", npy_shape=shape)
 
 
-# Pillow modes a picture keeps: its own, or the one it is read as (and written back in).
-_PICTURE_MODES = {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "I;16": "I;16", "I;16B": "I;16", "I;16L": "I;16",
-                  "I": "I;16", "1": "L", "P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB"}
-
-
 def _read_picture(path: Path) -> Item:
-    """A picture at its own size: (1, C, H, W) float32 in [0, 1] (C 1 or 3), its mode and alpha."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                mode = _PICTURE_MODES.get(im.mode)
-                if mode is None:
-                    raise DenoiseError(f"input {path} has pixels of mode {im.mode}, which this denoiser does not write "
-                                       f"back: save it as 8- or 16-bit gray, RGB or RGBA")
-                im = im.convert(mode) if mode != im.mode and not im.mode.startswith("I") else im
-                array = np.asarray(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DenoiseError(f"input {path} is larger than Pillow's limit for a picture ({brief(e)}): crop it into "
-                           f"pieces, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DenoiseError(f"input {path} is not an image Pillow can read ({brief(e)}): "
-                           f"give PNG, JPEG or TIFF pictures") from e
-    alpha = None
-    if mode in ("LA", "RGBA"):
-        array, alpha = array[..., :-1], array[..., -1]
-    scale = 65535.0 if mode == "I;16" else 255.0
-    array = array.astype(np.float32).reshape(*array.shape[:2], -1) / scale
-    return Item(path, torch.from_numpy(array.transpose(2, 0, 1).copy())[None].clamp_(0, 1), "picture", mode=mode,
-                alpha=alpha)
+    """A picture at its own size, with the mode it is written back in and its transparency."""
+    array, alpha = _read(path)
+    mode = "I;16" if array.dtype == np.uint16 else ("L" if array.shape[2] == 1 else "RGB") + ("A" if alpha is not None else "")
+    return Item(path, _as_float(array), "picture", mode=mode, alpha=alpha)
 
 
 def _write_picture(item: Item, pixels: torch.Tensor, path: Path) -> None:
@@ -252,7 +219,7 @@ def read_inputs(paths: list[str], pictures: bool = False) -> list[Item]:
         raise DenoiseError(f"no input files in {', '.join(paths)}: give image files, .npy files or folders of them")
     if pictures:
         return [_read_picture(f) for f in files]
-    return [_read_npy(f) if f.suffix.lower() == ".npy" else _read_image(f) for f in files]
+    return [_read_npy(f) if f.suffix.lower() == ".npy" else _read_digit(f) for f in files]
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -358,57 +325,34 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     device = _device(args.device)
     model, cfg = load_trained(args.checkpoint, device)
-    pictures = cfg.data.dataset == "images"
+    pictures = cfg.data.dataset == "images"  # each picture at its own size, mode and bit depth
     items = read_inputs(args.inputs, pictures)
     out_dir = Path(args.out)
     stems = _out_stems(items, out_dir, noisy=args.noise_factor is not None)
-    if pictures:
-        return _run_pictures(args, model, cfg, device, items, stems, t0)
-    images = torch.cat([item.images for item in items])
+    spec = None
     if args.noise_factor is not None:
         kind = args.noise_kind or cfg.noise.kind
         if kind == "salt_pepper" and args.noise_factor > 1:
             raise DenoiseError(f"--noise-factor {args.noise_factor} is a fraction of pixels for salt_pepper: give <= 1")
         spec = noise.NoiseSpec(kind, args.noise_factor, args.noise_factor)
-        images = noise.add_noise(images, torch.arange(len(images)), spec, args.seed, noise.EVAL_EPOCH)
-    clean = denoise(model, images, device, args.batch_size)
+    done = pixels = 0
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        start = 0
         for item, stem in zip(items, stems):
-            n = len(item.images)
-            _write(item, clean[start:start + n], stem)
-            if args.noise_factor is not None:
-                _write(item, images[start:start + n], stem.with_name(stem.name + "_noisy"))
-            start += n
+            images = item.images
+            if spec is not None:  # sample k of the call is keyed by k, whichever file holds it
+                index = torch.arange(done, done + len(images))
+                images = noise.add_noise(images, index, spec, args.seed, noise.EVAL_EPOCH, wide=pictures)
+                _write(item, images, stem.with_name(stem.name + "_noisy"))
+            clean = denoise_picture(model, images, cfg.data.channels, device, args.tile) if pictures else \
+                denoise(model, images, device, args.batch_size)
+            _write(item, clean, stem)
+            done, pixels = done + len(images), pixels + images[0, 0].numel() * len(images)
     except OSError as e:
         raise DenoiseError(f"cannot write to {out_dir} ({e.strerror}): choose a writable --out folder") from e
-    print(f"denoised {counted(len(images), 'image')} from {counted(len(items), 'file')} with {cfg.model.name} on {device} "
-          f"in {time.perf_counter() - t0:.1f} s: {out_dir}/")
-    return 0
-
-
-def _run_pictures(args: argparse.Namespace, model: nn.Module, cfg, device: torch.device, items: list[Item],
-                  stems: list[Path], t0: float) -> int:
-    """Each picture at its own size, mode and bit depth (a model trained with data.dataset=images)."""
-    from train import noise
-
-    out_dir = Path(args.out)
-    pixels = 0
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i, (item, stem) in enumerate(zip(items, stems)):
-            picture = item.images
-            if args.noise_factor is not None:
-                spec = noise.NoiseSpec(args.noise_kind or cfg.noise.kind, args.noise_factor, args.noise_factor)
-                picture = noise.add_noise(picture, torch.tensor([i]), spec, args.seed, noise.EVAL_EPOCH, wide=True)
-                _write(item, picture, stem.with_name(stem.name + "_noisy"))
-            _write(item, denoise_picture(model, picture, cfg.data.channels, device, args.tile), stem)
-            pixels += picture.shape[-1] * picture.shape[-2]
-    except OSError as e:
-        raise DenoiseError(f"cannot write to {out_dir} ({e.strerror}): choose a writable --out folder") from e
-    print(f"denoised {counted(len(items), 'picture')} ({pixels / 1e6:.2f} megapixels) at full size with "
-          f"{cfg.model.name} on {device} in {time.perf_counter() - t0:.1f} s: {out_dir}/")
+    what = f"{counted(done, 'picture')} ({pixels / 1e6:.2f} megapixels) at full size" if pictures else \
+        f"{counted(done, 'image')} from {counted(len(items), 'file')}"
+    print(f"denoised {what} with {cfg.model.name} on {device} in {time.perf_counter() - t0:.1f} s: {out_dir}/")
     return 0
 
 

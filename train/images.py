@@ -44,9 +44,10 @@ def find_pictures(folder: str | Path, key: str) -> list[Path]:
     return found
 
 
-def read_picture(path: Path, data: bytes | None = None) -> np.ndarray:
-    """The picture at `path` (its bytes `data`, if already read) as an H x W x C array (C 1 or 3) of uint8, or uint16 for a 16-bit gray
-    one. Transparency is dropped. Raises ValueError (unreadable) or DataError (too large)."""
+def read_picture(path: Path, data: bytes | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The picture at `path` (its bytes `data`, if already read) as an H x W x C array (C 1 or 3)
+    of uint8, or uint16 for a 16-bit gray one, and its transparency (H x W uint8; None when it
+    has none). Raises ValueError (unreadable) or DataError (too large)."""
     from PIL import Image
 
     with warnings.catch_warnings():
@@ -64,13 +65,14 @@ def read_picture(path: Path, data: bytes | None = None) -> np.ndarray:
         array = np.asarray(picture)
         if array.min() < 0 or array.max() > 65535:
             raise ValueError(f"{picture.mode} values outside 0-65535")
-        return array.astype(np.uint16)[:, :, None]
+        return array.astype(np.uint16)[:, :, None], None
     if picture.mode == "F":
         raise ValueError("32-bit floating-point pixels (save it as an 8- or 16-bit picture)")
+    clear = "A" in picture.getbands() or "transparency" in picture.info
+    alpha = np.asarray(picture.convert("RGBA"))[..., 3].copy() if clear else None
     gray = picture.mode in ("1", "L", "LA") or (picture.mode == "P" and _gray_palette(picture))
-    picture = picture.convert("L" if gray else "RGB")
-    array = np.asarray(picture)
-    return array[:, :, None] if gray else array
+    array = np.asarray(picture.convert("L" if gray else "RGB"))
+    return (array[:, :, None] if gray else array), alpha
 
 
 def _gray_palette(picture) -> bool:
@@ -130,7 +132,7 @@ def load_pictures(folder: str, key: str, channels: int, device: torch.device, me
     for path in paths:
         try:
             data = path.read_bytes()
-            arrays.append(read_picture(path, data))  # the bytes read once: the digest and the picture
+            arrays.append(read_picture(path, data)[0])  # the bytes read once: the digest and the picture
         except (OSError, ValueError) as e:
             unreadable.append(f"{path.relative_to(folder)} ({e})")
             continue
