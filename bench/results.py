@@ -150,7 +150,7 @@ def report(work: Path, docs: Path, data_root: str, test_samples: int, denoise_re
     from train import metrics
     from train.data import load_mnist
     from train.denoise import load_trained
-    from train.tracking import sample_indices, save_grid
+    from train.tracking import grid_png, sample_indices
     from train.noise import NoiseSpec
 
     names = [n for n in RUNS if finished(work, n)]
@@ -180,7 +180,7 @@ def report(work: Path, docs: Path, data_root: str, test_samples: int, denoise_re
         with torch.no_grad():
             rows = [noisy] + [models[n](noisy).float() for n in names] + [clean]
         path = images / f"samples-{kind}-{level:g}.png"
-        save_grid(torch.cat(rows), len(shown), path)
+        path.write_bytes(grid_png(torch.cat(rows), len(shown)))
         grids.append((kind, level, path.name))
 
     curves = {}

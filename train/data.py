@@ -21,9 +21,6 @@ import torch
 
 from train.errors import UserError, brief
 
-IMAGE_SHAPE = (1, 28, 28)  # channels, height, width
-
-
 class DataError(UserError):
     """MNIST missing, unreadable or not what it should be."""
 

@@ -58,7 +58,7 @@ class DenoiseError(UserError):
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, object]:
     """The model of a run folder (or one of its checkpoints/step_* folders) and the run's
     config, in eval mode on `device`."""
-    from train.config import MODEL_NAMES, ConfigError, load_config, read_yaml
+    from train.config import ConfigError, load_config
     from train.model import build_model
 
     path = Path(path)
@@ -69,17 +69,8 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
         raise DenoiseError(f"checkpoint {path} has no {missing}: give a finished run's output_dir "
                            f"or one of its checkpoints/step_* folders")
     try:
-        cfg = load_config(run_dir / CONFIG)
+        cfg = load_config(run_dir / CONFIG)  # a model this version cannot build is refused as model.name
     except ConfigError as e:
-        try:
-            saved = read_yaml(run_dir / CONFIG, CONFIG)
-        except ConfigError:
-            saved = None  # torn or not YAML: the message below says so
-        model = saved.get("model") if isinstance(saved, dict) else None
-        name = model.get("name") if isinstance(model, dict) else None
-        if isinstance(name, str) and name not in MODEL_NAMES:
-            raise DenoiseError(f"checkpoint {path} holds a '{name}' model, which this version cannot build "
-                               f"(known: {', '.join(MODEL_NAMES)}): use the version of mnist-denoise that trained it") from e
         raise DenoiseError(f"checkpoint {path} has a config this version cannot read ({e}): use the version "
                            f"of mnist-denoise that trained it") from e
     from safetensors.torch import load_file

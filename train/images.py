@@ -28,7 +28,7 @@ from train.noise import _mix32, _signed32, _uniforms
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TILE = 256  # pixels: the core of each tile a big picture is denoised in (memory stays bounded)
-MARGIN = 32  # pixels of context around each tile: more than the U-Net's receptive radius (~23)
+MARGIN = 32  # pixels of context around each tile: more than the U-Net's receptive radius (a test measures it)
 _PATCH_SALT = _signed32(0x85EBCA6B)  # separates the patch-position stream from the noise's
 
 
@@ -225,16 +225,3 @@ def denoise_tiled(model: torch.nn.Module, noisy: torch.Tensor, tile: int = TILE,
             piece = model(noisy[..., y0:min(bottom + margin, height), x0:min(right + margin, width)])
             out[..., top:bottom, left:right] = piece[..., top - y0:bottom - y0, left - x0:right - x0]
     return out
-
-
-def receptive_radius(model: torch.nn.Module, channels: int, size: int = 96) -> int:
-    """How far (pixels) a change at one pixel reaches in the model's output: measured, not
-    derived, with a probe on a `size`-pixel picture (for the tests and MARGIN's comment)."""
-    x = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0))
-    centre = size // 2
-    y = x.clone()
-    y[..., centre, centre] += 0.5
-    with torch.no_grad():
-        diff = (model(x) - model(y)).abs().amax(1)[0]
-    rows, cols = torch.nonzero(diff > 0, as_tuple=True)
-    return int(max((rows - centre).abs().max(), (cols - centre).abs().max())) if len(rows) else 0

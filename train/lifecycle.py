@@ -116,21 +116,15 @@ class StopFlag:
         self.deferred = False
         self.installed = False
         self._first_at = 0.0
-        self._previous = {}
         self._vote: _Vote | None = None  # the last step's vote, maybe still in flight
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # started under nohup: the user asked to outlive the terminal
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
         self.installed = True
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # what main.py held arrives now, here
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
         now = time.monotonic()
@@ -145,7 +139,7 @@ class StopFlag:
             self.status.record("failed", 128 + signum, f"stopped at once by a second stop signal "
                                f"({signal.Signals(signum).name}); run the same command to resume from the last "
                                f"intact checkpoint")
-        self.uninstall()
+        signal.signal(signum, signal.SIG_DFL)  # dies of the signal, as if no handler had been set
         signal.raise_signal(signum)
 
     def any_rank_stopping(self, accelerator: Accelerator) -> bool:

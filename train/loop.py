@@ -27,7 +27,7 @@ from train.exact import ExactReduction
 from train.plan import BatchPlan, lr_at, schedule_of
 from train.faults import fault_point
 from train.lifecycle import StopFlag, Stopped
-from train.tracking import SAMPLES_KEY, NullTracker, sample_indices, save_picture_samples, save_samples
+from train.tracking import SAMPLES_KEY, NullTracker, picture_samples_png, sample_indices, samples_png
 
 
 class NonFiniteLossError(UserError):
@@ -314,9 +314,9 @@ class Trainer:
             f"MSE {result['eval/mse']:.5f}"
         )
         shown = ev.num_sample_images if self.pictures else self.sample_indices
-        draw = save_picture_samples if self.pictures else save_samples
-        self.tracker.save_image(SAMPLES_KEY, self.state.step, lambda path: draw(
-            model, self.test_split, shown, ec.eval_spec(), ec.eval_seed, path))
+        render = picture_samples_png if self.pictures else samples_png
+        self.tracker.save_image(SAMPLES_KEY, self.state.step, lambda: render(
+            model, self.test_split, shown, ec.eval_spec(), ec.eval_seed))
         self._maybe_stop_collapsed(result)
 
     def _maybe_stop_collapsed(self, result: dict[str, float]) -> None:

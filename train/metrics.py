@@ -56,6 +56,19 @@ def eval_noisy(split: Split, indices: torch.Tensor, spec: noise.NoiseSpec, seed:
     return clean, noise.add_noise(clean, indices, spec, seed, noise.EVAL_EPOCH)
 
 
+def _gathered(local: torch.Tensor, total: int, accelerator: Accelerator) -> torch.Tensor:
+    """Every rank's rows (index first, then scores) on every rank, in index order. Shards differ
+    in length by at most one: each is padded to equal length for the gather, with an index of
+    -1 that marks the rows to drop."""
+    longest = math.ceil(total / accelerator.num_processes)
+    pad = torch.full((longest - len(local), local.shape[1]), -1.0, dtype=torch.float64, device=local.device)
+    every = accelerator.gather(torch.cat([local, pad]))
+    every = every[every[:, 0] >= 0]
+    every = every[every[:, 0].argsort()]
+    assert len(every) == total, "evaluation must score each test image exactly once"
+    return every
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, spec: noise.NoiseSpec, seed: int,
              per_device_batch_size: int) -> dict[str, float]:
@@ -86,15 +99,8 @@ def evaluate(model: nn.Module, split: Split, accelerator: Accelerator, spec: noi
             (noisy - clean).pow(2).flatten(1).mean(1).double(),
             ssim_per_image(out, clean).double(),
         ], dim=1))
-    local = torch.cat(scores) if scores else torch.zeros(0, 4, dtype=torch.float64, device=device)
-    # Shards differ in length by at most one: pad to equal length for the gather, with an
-    # index of -1 that marks the padding rows to drop.
-    longest = math.ceil(len(split) / accelerator.num_processes)
-    pad = torch.full((longest - len(local), 4), -1.0, dtype=torch.float64, device=device)
-    every = accelerator.gather(torch.cat([local, pad]))
-    every = every[every[:, 0] >= 0]
-    every = every[every[:, 0].argsort()]
-    assert len(every) == len(split), "evaluation must score each test image exactly once"
+    every = _gathered(torch.cat(scores) if scores else torch.zeros(0, 4, dtype=torch.float64, device=device),
+                      len(split), accelerator)
     mse, noisy_mse, ssim = (every[:, i].mean().item() for i in (1, 2, 3))
     mean, mean_sq = accelerator.reduce(moments, reduction="sum").double() / len(split)
     output_std = ((mean_sq - mean**2).clamp_(min=0).sqrt() / _FIXED_ONE).mean().item()
@@ -128,12 +134,7 @@ def evaluate_pictures(model: nn.Module, pictures, accelerator: Accelerator, spec
         mse, noisy_mse = (out - clean).pow(2).mean().item(), (noisy - clean).pow(2).mean().item()
         ssim = ssim_per_image(out.transpose(0, 1), clean.transpose(0, 1)).mean().item()
         rows.append([i, mse, noisy_mse, psnr_db(mse), psnr_db(noisy_mse), ssim])
-    longest = math.ceil(len(pictures) / accelerator.num_processes)
-    rows += [[-1.0] * 6] * (longest - len(rows))  # equal lengths for the gather; -1 marks padding
-    every = accelerator.gather(torch.tensor(rows, dtype=torch.float64, device=device))
-    every = every[every[:, 0] >= 0]
-    every = every[every[:, 0].argsort()]
-    assert len(every) == len(pictures), "evaluation must score each test picture exactly once"
+    every = _gathered(torch.tensor(rows, dtype=torch.float64, device=device).view(-1, 6), len(pictures), accelerator)
     model.train(was_training)
     mse, noisy_mse, psnr, noisy_psnr, ssim = (every[:, k].mean().item() for k in range(1, 6))
     return {"eval/mse": mse, "eval/psnr_db": psnr, "eval/ssim": ssim, "eval/noisy_psnr_db": noisy_psnr,

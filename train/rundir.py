@@ -267,10 +267,13 @@ class RunDir:
                 f"lock file deleted): another run may be using {self.path}; this run stopped without writing there "
                 f"again. Check the folder, then run the same command to resume from its last intact checkpoint")
 
-    def write(self, name: str, data: bytes) -> None:
-        """OUTPUT_DIR/name, whole, while the folder is still this run's."""
+    def write(self, name: str, data: bytes) -> Path:
+        """OUTPUT_DIR/name (in a subfolder, made if missing), whole, while the folder is still this run's."""
         self.check()
-        write_atomic(self.path / name, data)
+        path = self.path / name
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, data)
+        return path
 
     def append(self, name: str, line: str) -> None:
         """One line at the end of OUTPUT_DIR/name (created if missing), refusing a link."""
@@ -280,18 +283,6 @@ class RunDir:
             os.write(fd, (line + "\n").encode())
         finally:
             os.close(fd)
-
-    def draw(self, name: str, draw) -> Path:
-        """OUTPUT_DIR/name (in a subfolder, made if missing) drawn by `draw(path)` into a new file,
-        then renamed into place: a link there is replaced, never followed."""
-        self.check()
-        path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        tmp.unlink(missing_ok=True)
-        draw(tmp)
-        os.replace(tmp, path)
-        return path
 
     def abandon(self) -> None:
         """Undo the claim of a run refused at start-up in a folder it created: its lock file

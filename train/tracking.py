@@ -54,7 +54,7 @@ class NullTracker:
     def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
         pass
 
-    def save_image(self, key: str, step: int, draw: Callable[[Path], None]) -> None:
+    def save_image(self, key: str, step: int, render: Callable[[], bytes]) -> None:
         pass
 
     def progress(self, total: int, initial: int) -> None:
@@ -144,9 +144,10 @@ class Tracker(NullTracker):
         self.rundir.write("config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
         self.rundir.write("setup.json", (json.dumps(setup, indent=1) + "\n").encode())
 
-    def save_image(self, key: str, step: int, draw: Callable[[Path], None]) -> None:
-        """OUTPUT_DIR/<key's last part>/step_N.png, drawn by `draw(path)`, and to wandb."""
-        path = self.rundir.draw(f"{key.rsplit('/', 1)[-1]}/step_{step:08d}.png", draw)
+    def save_image(self, key: str, step: int, render: Callable[[], bytes]) -> None:
+        """OUTPUT_DIR/<key's last part>/step_N.png, the PNG `render()` makes (only here, on the main
+        process), and to wandb."""
+        path = self.rundir.write(f"{key.rsplit('/', 1)[-1]}/step_{step:08d}.png", render())
         if self._wandb is not None:
             import wandb
 
@@ -254,17 +255,16 @@ def sample_indices(split: Split, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_samples(model: nn.Module, split: Split, indices: torch.Tensor, spec: noise.NoiseSpec, seed: int,
-                 path: Path) -> None:
+def samples_png(model: nn.Module, split: Split, indices: torch.Tensor, spec: noise.NoiseSpec, seed: int) -> bytes:
     """A PNG with one column per digit and rows noisy / denoised / clean."""
     clean, noisy = metrics.eval_noisy(split, indices.to(split.images.device), spec, seed)
     out = model(noisy).float()
-    save_grid(torch.cat([noisy, out, clean]), len(indices), path)
+    return grid_png(torch.cat([noisy, out, clean]), len(indices))
 
 
 @torch.no_grad()
-def save_picture_samples(model: nn.Module, pictures, n: int, spec: noise.NoiseSpec, seed: int, path: Path,
-                         side: int = 128) -> None:
+def picture_samples_png(model: nn.Module, pictures, n: int, spec: noise.NoiseSpec, seed: int,
+                        side: int = 128) -> bytes:
     """A PNG with one column per test picture (the first `n`, a centre crop of `side` pixels) and
     rows noisy / denoised / clean, as evaluation denoises them (the whole picture, then cropped)."""
     from train.images import denoise_tiled
@@ -278,11 +278,13 @@ def save_picture_samples(model: nn.Module, pictures, n: int, spec: noise.NoiseSp
         top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
         crop = [t[..., top:top + side, left:left + side] for t in (noisy, out, clean)]
         columns.append([F.pad(c, (0, side - c.shape[-1], 0, side - c.shape[-2]), value=0.5) for c in crop])
-    save_grid(torch.cat([column[row] for row in range(3) for column in columns]), len(columns), path)
+    return grid_png(torch.cat([column[row] for row in range(3) for column in columns]), len(columns))
 
 
-def save_grid(images: torch.Tensor, per_row: int, path: Path, pad: int = 2, pad_value: float = 0.5) -> None:
+def grid_png(images: torch.Tensor, per_row: int, pad: int = 2, pad_value: float = 0.5) -> bytes:
     """Images (N, C, H, W) in [0, 1], C 1 or 3, as one PNG, `per_row` to a row, `pad` grey pixels around each."""
+    import io
+
     from PIL import Image  # torchvision's dependency; torchvision itself is slow to import
 
     n, c, h, w = images.shape
@@ -292,4 +294,6 @@ def save_grid(images: torch.Tensor, per_row: int, path: Path, pad: int = 2, pad_
         top, left = pad + (i // per_row) * (h + pad), pad + (i % per_row) * (w + pad)
         grid[:, top:top + h, left:left + w] = image
     pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    Image.fromarray(pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()).save(path)
+    png = io.BytesIO()
+    Image.fromarray(pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()).save(png, format="PNG")
+    return png.getvalue()

@@ -32,7 +32,6 @@ def main() -> None:
         if rank == signalled_rank and call == at_call:
             signal.raise_signal(signal.SIGUSR1)  # the handler runs before raise_signal returns
         answers.append(flag.any_rank_stopping(accelerator))
-    flag.uninstall()
     quiet = StopFlag()
     unsignalled = [quiet.any_rank_stopping(accelerator) for _ in range(calls)]
     record = {"rank": rank, "world": accelerator.num_processes, "answers": answers, "unsignalled": unsignalled,

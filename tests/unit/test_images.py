@@ -9,7 +9,7 @@ import torch
 
 from conftest import write_pictures
 from train.data import DataError
-from train.images import MARGIN, Patches, denoise_tiled, load_pictures, receptive_radius
+from train.images import MARGIN, Patches, denoise_tiled, load_pictures
 from train.model import UNet
 from train.noise import add_noise, stream_key
 
@@ -94,6 +94,20 @@ def test_patches_are_a_function_of_seed_epoch_and_index_alone(tmp_path):
     # Noise of a patch (hashed `wide`) is as independent of the batch as the patch itself.
     noisy = add_noise(every, torch.arange(15), 0.1, 0, 3, wide=True)
     assert torch.equal(add_noise(every[[4, 9]], torch.tensor([4, 9]), 0.1, 0, 3, wide=True), noisy[[4, 9]])
+
+
+
+def receptive_radius(model: torch.nn.Module, channels: int, size: int = 96) -> int:
+    """How far (pixels) a change at one pixel reaches in the model's output: measured, not
+    derived, with a probe on a `size`-pixel picture."""
+    x = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+    centre = size // 2
+    y = x.clone()
+    y[..., centre, centre] += 0.5
+    with torch.no_grad():
+        diff = (model(x) - model(y)).abs().amax(1)[0]
+    rows, cols = torch.nonzero(diff > 0, as_tuple=True)
+    return int(max((rows - centre).abs().max(), (cols - centre).abs().max())) if len(rows) else 0
 
 
 @pytest.mark.parametrize("channels,size", [(1, (37, 53)), (3, (300, 410))])
