@@ -73,23 +73,15 @@ class RunStatus:
         self.own = Path(from_env.replace("{rank}", rank)) if from_env else None
         if self.own is not None:
             self.own.parent.mkdir(parents=True, exist_ok=True)  # the job's folder; never output_dir (see disown)
-        self.paths: list[Path] = []  # shared records: OUTPUT_DIR/status.json once accepted
         self.is_main = rank == "0"
         self.step: int | None = None
-        self.output_dir: Path | None = None  # known once the config is read
-        self.rundir: RunDir | None = None  # the claimed folder, until the run is accepted or loses it
-        self.accepted = False
-
-    def accept(self) -> None:
-        """From now on also record in OUTPUT_DIR/status.json (`output_dir` is set by then)."""
-        self.paths.append(self.output_dir / STATUS_FILE)
-        self.accepted = True
+        self.rundir: RunDir | None = None  # the claimed folder, until the run loses it
+        self.accepted = False  # from then on OUTPUT_DIR/status.json is recorded too
 
     def disown(self) -> None:
-        """Stop recording in OUTPUT_DIR/status.json, and touch nothing there: the folder is no
-        longer this run's (deleted, or its lock taken), and writing could recreate it or speak
-        for another run."""
-        self.paths, self.rundir = [], None
+        """Touch nothing in OUTPUT_DIR from now on: the folder is no longer this run's (deleted,
+        or its lock taken), and writing could recreate it or speak for another run."""
+        self.rundir = None
 
     def remove_unaccepted(self) -> None:
         """A run refused at start-up in a folder it created leaves no folder behind."""
@@ -97,8 +89,8 @@ class RunStatus:
             self.rundir.abandon()
 
     def record(self, outcome: str, exit_code: int, message: str = "", stuck: bool = False) -> None:
-        shared = self.paths if self.is_main or outcome == "failed" else []
-        for path in shared + ([self.own] if self.own is not None else []):
+        shared = self.rundir is not None and self.accepted and (self.is_main or outcome == "failed")
+        for path in ([self.rundir.path / STATUS_FILE] if shared else []) + ([self.own] if self.own else []):
             try:
                 write_status(path, outcome, exit_code, self.step, message, stuck=stuck)
             except OSError as e:  # never let the record of a failure hide the failure itself
@@ -257,7 +249,7 @@ def ended(e: BaseException, status: RunStatus, debug: bool) -> int:
         return 1
     if isinstance(e, FolderLost):
         status.disown()
-    error = e if isinstance(e, UserError) else write_failure(e, status.output_dir)
+    error = e if isinstance(e, UserError) else write_failure(e, status.rundir.path if status.rundir else None)
     if error is None:  # a bug or a crash: keep the traceback, but record the outcome
         status.record("failed", 1, brief(e))
         raise

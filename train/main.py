@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     from train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # every config error before torch is imported
-    output_dir = status.output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.output_dir)
 
     import torch
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
         if cfg.train.exact_reduction:  # micro-steps of another world size: the position is its optimizer steps
             state.micro_step = (state.step - state.epoch * schedule.steps_per_epoch) * schedule.accumulation
         schedule.check_resume(state, resume_from)
-    status.accept()  # only now: a refused resume leaves the folder as it was
+    status.accepted = True  # only now: a refused resume leaves the folder as it was
     status.step = state.step
     status.record("running", 0)
     state.run_id = state.run_id or secrets.token_hex(4)  # the wandb run id; only the main process uses it

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import slurm_script
 from train.lifecycle import RunStatus
-from train.rundir import read_status, write_status
+from train.rundir import RunDir, read_status, write_status
 
 _job = slurm_script("job_outcome")
 NODE_FAILURE, job_outcome, settle_job = _job.NODE_FAILURE, _job.job_outcome, _job.settle_job
@@ -56,8 +56,7 @@ def test_each_rank_records_everything_in_its_own_file_and_only_rank_0_in_the_sha
     for rank, outcome, code in (("0", "preempted", 75), ("1", "completed", 0)):
         monkeypatch.setenv("RANK", rank)
         status = RunStatus()
-        status.output_dir = tmp_path / "run"
-        status.accept()
+        status.rundir, status.accepted = RunDir(tmp_path / "run"), True
         status.record("running", 0)
         status.record(outcome, code)
     assert json.loads((tmp_path / "job" / "rank-1.json").read_text())["outcome"] == "completed"
