@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from train.errors import UserError, brief
 from train.faults import fault_point
@@ -79,10 +78,6 @@ def _step_dirs(output_dir: Path) -> list[Path]:
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
-
-
-def has_checkpoints(output_dir: Path) -> bool:
-    return bool(_step_dirs(output_dir))
 
 
 def remove_unfinished(output_dir: Path) -> list[str]:
@@ -240,24 +235,21 @@ def pick_resume(accelerator: Accelerator, output_dir: Path, resume: str, notes: 
     (on a shared filesystem another node may list or cache other files); damaged ones skipped
     are reported in `notes`. Refuses checkpoint.resume=none where it would overwrite another
     run's checkpoints."""
-    choice: list = [None, None, []]  # path, error, notes
-    if accelerator.is_main_process:
-        try:
-            resume_from = find_resume(output_dir, resume, warn=choice[2].append)
-            if resume_from is None and resume == "none" and has_checkpoints(output_dir):
-                raise UserError(
-                    f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
-                    f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
-                )
-            choice[0] = None if resume_from is None else str(resume_from)
-        except UserError as e:
-            choice[1] = str(e)
-    if accelerator.num_processes > 1:
-        choice = broadcast_object_list(choice)
-    if choice[1] is not None:
-        raise CheckpointError(choice[1])
-    notes += choice[2]
-    return None if choice[0] is None else Path(choice[0])
+    from train.distributed import decided_on_main
+
+    def choose() -> tuple[str | None, list[str]]:
+        skipped: list[str] = []
+        path = find_resume(output_dir, resume, warn=skipped.append)
+        if path is None and resume == "none" and _step_dirs(output_dir):
+            raise UserError(
+                f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
+                f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
+            )
+        return None if path is None else str(path), skipped
+
+    path, skipped = decided_on_main(accelerator, choose, CheckpointError)
+    notes += skipped
+    return None if path is None else Path(path)
 
 
 def _differs(saved: object, now: object, default: object) -> bool:

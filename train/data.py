@@ -131,16 +131,23 @@ def load_mnist(root: str, download: bool, device: torch.device, train_samples: i
     return splits[0], splits[1]
 
 
-def sample_limit_notes(data_cfg, train_split: Split, test_split: Split) -> list[str]:
-    """Notes for the log where data.train_samples / data.test_samples ask for more than a split
-    holds: the run uses all of it, and says so."""
-    notes = []
-    for key, asked, split in (("train", data_cfg.train_samples, train_split),
-                              ("test", data_cfg.test_samples, test_split)):
+def build_splits(dc, accelerator, notes: list[str]) -> tuple:
+    """The run's training and test data (`dc`: its DataConfig) on the accelerator's device;
+    what the log should say of them goes to `notes`."""
+    if dc.dataset == "images":
+        from train.images import load_patches
+
+        return load_patches(dc, accelerator.device, notes)
+    # Download once: the global main process first, then (for nodes without a shared
+    # filesystem) each node's local main process, then everyone else reads the files.
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        splits = load_mnist(dc.root, dc.download, accelerator.device, dc.train_samples, dc.test_samples,
+                            dc.download_timeout_s)
+    for key, asked, split in zip(("train", "test"), (dc.train_samples, dc.test_samples), splits):
         if asked > len(split):
-            notes.append(f"data.{key}_samples={asked} is more than the {len(split)} {key} images in "
-                         f"{data_cfg.root}: using all {len(split)}")
-    return notes
+            notes.append(f"data.{key}_samples={asked} is more than the {len(split)} {key} images in {dc.root}: "
+                         f"using all {len(split)}")
+    return splits
 
 
 class EpochOrder:

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
+from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, broadcast_object_list
 
 from train.config import MIXED_PRECISIONS
 from train.errors import UserError
 from train.lifecycle import launcher_args
+
+T = TypeVar("T")
 
 
 class LaunchError(UserError):
@@ -117,6 +120,23 @@ def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> 
     if accelerator.num_processes == 1:
         check_single_process_launch(launcher_args(os.getppid()))
     return accelerator
+
+
+def decided_on_main(accelerator: Accelerator, decide: Callable[[], T], error: type[UserError] = UserError) -> T:
+    """What `decide()` returns on the global main process, on every rank; a UserError it raises
+    there is raised on every rank, as `error`. For what only the main process may do or judge
+    (the folder, the checkpoint to resume), which another node may see otherwise."""
+    outcome: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = decide()
+        except UserError as e:
+            outcome[1] = str(e)
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise error(outcome[1])
+    return outcome[0]
 
 
 def describe(accelerator: Accelerator) -> dict[str, object]:

@@ -170,6 +170,19 @@ def load_pictures(folder: str, key: str, channels: int, device: torch.device, me
                     channels, paths, digest.hexdigest()[:16])
 
 
+def load_patches(dc, device: torch.device, notes: list[str]) -> tuple["Patches", Pictures]:
+    """data.dataset=images (`dc`: the DataConfig): the training patches and the test pictures on
+    `device`, together within data.memory_limit_mib; what they are goes to `notes`."""
+    train = load_pictures(dc.train_dir, "data.train_dir", dc.channels, device, dc.memory_limit_mib,
+                          min_side=dc.patch_size)
+    test = load_pictures(dc.test_dir, "data.test_dir", train.channels, device, dc.memory_limit_mib - train.mib)
+    notes.append(f"pictures: {counted(len(train), 'training picture')} ({dc.patches_per_image} patches of "
+                 f"{dc.patch_size}x{dc.patch_size} each per epoch), {counted(len(test), 'test picture')}, "
+                 f"{train.channels} channel(s), {train.mib + test.mib:.1f} MiB on {device} "
+                 f"(data.memory_limit_mib={dc.memory_limit_mib}); fingerprint {train.fingerprint}")
+    return Patches(train, dc.patch_size, dc.patches_per_image), test
+
+
 class Patches:
     """The training samples of `pictures`: data.patches_per_image square patches of each per
     epoch, gathered on the device by `batch(indices, key)`."""

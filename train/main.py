@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     import torch
 
     from train import checkpoint
-    from train.data import load_mnist, sample_limit_notes
+    from train.data import build_splits
     from train.distributed import build_accelerator, describe
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
@@ -81,28 +81,9 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     notes += rundir.claim(accelerator)
     resume_from = checkpoint.pick_resume(accelerator, output_dir, cfg.checkpoint.resume, notes)
 
-    if cfg.data.dataset == "images":
-        from train.images import Patches, load_pictures
-
-        dc = cfg.data
-        train_pictures = load_pictures(dc.train_dir, "data.train_dir", dc.channels, accelerator.device,
-                                       dc.memory_limit_mib, min_side=dc.patch_size)
-        test_split = load_pictures(dc.test_dir, "data.test_dir", train_pictures.channels, accelerator.device,
-                                   dc.memory_limit_mib - train_pictures.mib)
-        train_split = Patches(train_pictures, dc.patch_size, dc.patches_per_image)
-        dc.channels = train_pictures.channels  # config.yaml says what the model takes (denoise reads it)
-        notes.append(f"pictures: {counted(len(train_pictures), 'training picture')} ({dc.patches_per_image} patches "
-                     f"of {dc.patch_size}x{dc.patch_size} each per epoch), {counted(len(test_split), 'test picture')}, "
-                     f"{dc.channels} channel(s), {train_pictures.mib + test_split.mib:.1f} MiB on {accelerator.device} "
-                     f"(data.memory_limit_mib={dc.memory_limit_mib}); fingerprint {train_pictures.fingerprint}")
-    else:
-        # Download once: the global main process first, then (for nodes without a shared
-        # filesystem) each node's local main process, then everyone else reads the files.
-        with accelerator.main_process_first(), accelerator.local_main_process_first():
-            train_split, test_split = load_mnist(cfg.data.root, cfg.data.download, accelerator.device,
-                                                 cfg.data.train_samples, cfg.data.test_samples,
-                                                 cfg.data.download_timeout_s)
-        notes += sample_limit_notes(cfg.data, train_split, test_split)
+    train_split, test_split = build_splits(cfg.data, accelerator, notes)
+    if cfg.data.dataset == "images":  # config.yaml says what the model takes (denoise reads it)
+        cfg.data.channels = train_split.sample_shape[0]
 
     plan = plan_of(cfg.train, accelerator.num_processes)
     if not cfg.train.global_batch_size and plan.processes > 1:  # a new user's 2-process run trains at 2x the batch

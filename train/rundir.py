@@ -177,37 +177,31 @@ class RunDir:
         """Claim the folder on the main process; every rank learns the outcome (one UserError).
         Holding the lock, it then records a killed run's stale `running` as failed and removes
         unfinished saves. Returns notes for the log."""
-        from accelerate.utils import broadcast_object_list
+        from train.distributed import decided_on_main
 
+        return decided_on_main(accelerator, self._claim)
+
+    def _claim(self) -> list[str]:
         from train.checkpoint import remove_unfinished
 
-        notes, error = [], None
-        if accelerator.is_main_process:
-            try:
-                self._refuse_foreign()
-                missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
-                self.path.mkdir(parents=True, exist_ok=True)
-                self.made = missing[-1] if missing else None
-                if not os.access(self.path, os.W_OK):
-                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-                notes += self._lock()
-                previous = read_status(self.path / STATUS_FILE)
-                if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
-                    write_status(self.path / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
-                    step = previous.get("step")
-                    at = f"at step {step}" if isinstance(step, int) and step > 0 else "before its first logged step"
-                    notes.append(f"the previous run in {self.path} was killed without recording an outcome (it said "
-                                 f"'running' {at}); recorded it as failed")
-                notes += remove_unfinished(self.path)
-            except UserError as e:
-                error = str(e)
-            except OSError as e:
-                error = f"cannot write to output_dir {self.path} ({e.strerror}): choose a writable folder"
-        if accelerator.num_processes > 1:
-            error = broadcast_object_list([error])[0]
-        if error is not None:
-            raise UserError(error)
-        return notes
+        try:
+            self._refuse_foreign()
+            missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.made = missing[-1] if missing else None
+            if not os.access(self.path, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            notes = self._lock()
+            previous = read_status(self.path / STATUS_FILE)
+            if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
+                write_status(self.path / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
+                step = previous.get("step")
+                at = f"at step {step}" if isinstance(step, int) and step > 0 else "before its first logged step"
+                notes.append(f"the previous run in {self.path} was killed without recording an outcome (it said "
+                             f"'running' {at}); recorded it as failed")
+            return notes + remove_unfinished(self.path)
+        except OSError as e:
+            raise UserError(f"cannot write to output_dir {self.path} ({e.strerror}): choose a writable folder") from None
 
     def _refuse_foreign(self) -> None:
         """Refuse a folder of files no run of ours wrote: one that no run of ours has claimed (no
