@@ -230,26 +230,18 @@ def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, objec
     return compat
 
 
-def pick_resume(accelerator: Accelerator, output_dir: Path, resume: str, notes: list[str]) -> Path | None:
-    """The checkpoint to resume from, chosen by the global main process and sent to every rank
-    (on a shared filesystem another node may list or cache other files); damaged ones skipped
-    are reported in `notes`. Refuses checkpoint.resume=none where it would overwrite another
-    run's checkpoints."""
-    from train.distributed import decided_on_main
-
-    def choose() -> tuple[str | None, list[str]]:
-        skipped: list[str] = []
-        path = find_resume(output_dir, resume, warn=skipped.append)
-        if path is None and resume == "none" and _step_dirs(output_dir):
-            raise UserError(
-                f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
-                f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
-            )
-        return None if path is None else str(path), skipped
-
-    path, skipped = decided_on_main(accelerator, choose, CheckpointError)
-    notes += skipped
-    return None if path is None else Path(path)
+def choose_resume(output_dir: Path, resume: str) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from (for the main process to choose: see
+    distributed.decided_on_main) and the notes that report damaged ones skipped. Refuses
+    checkpoint.resume=none where it would overwrite another run's checkpoints."""
+    skipped: list[str] = []
+    path = find_resume(output_dir, resume, warn=skipped.append)
+    if path is None and resume == "none" and _step_dirs(output_dir):
+        raise CheckpointError(
+            f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
+            f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
+        )
+    return None if path is None else str(path), skipped
 
 
 def _differs(saved: object, now: object, default: object) -> bool:

@@ -19,13 +19,7 @@ from pathlib import Path
 
 import torch
 
-from train.errors import UserError, brief
-
-class DataError(UserError):
-    """MNIST missing, unreadable or not what it should be."""
-
-    node_local = True  # nodes without a shared filesystem each read their own copy
-
+from train.errors import DataError, UserError, brief
 
 @dataclass
 class Split:

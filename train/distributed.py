@@ -122,20 +122,20 @@ def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> 
     return accelerator
 
 
-def decided_on_main(accelerator: Accelerator, decide: Callable[[], T], error: type[UserError] = UserError) -> T:
+def decided_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     """What `decide()` returns on the global main process, on every rank; a UserError it raises
-    there is raised on every rank, as `error`. For what only the main process may do or judge
-    (the folder, the checkpoint to resume), which another node may see otherwise."""
+    there is raised on every rank. For what only the main process may do or judge (the folder,
+    the checkpoint to resume), which another node may see otherwise."""
     outcome: list = [None, None]
     if accelerator.is_main_process:
         try:
             outcome[0] = decide()
         except UserError as e:
-            outcome[1] = str(e)
+            outcome[1] = e
     if accelerator.num_processes > 1:
         outcome = broadcast_object_list(outcome)
     if outcome[1] is not None:
-        raise error(outcome[1])
+        raise outcome[1]
     return outcome[0]
 
 

@@ -20,6 +20,12 @@ class UserError(Exception):
     it prints it; otherwise every rank meets the same error and only rank 0 prints it"""
 
 
+class DataError(UserError):
+    """The training or test data missing, unreadable or not what it should be."""
+
+    node_local = True  # nodes without a shared filesystem each read their own copy
+
+
 def brief(e: BaseException) -> str:
     """An underlying exception in a few words, for inside a one-line message."""
     lines = str(e).strip().splitlines()

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data import DataError
-from train.errors import counted
+from train.errors import DataError, counted
 from train.noise import _mix32, _signed32, _uniforms
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
 
     from train import checkpoint
     from train.data import build_splits
-    from train.distributed import build_accelerator, describe
+    from train.distributed import build_accelerator, decided_on_main, describe
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.plan import plan_of, schedule_of
@@ -78,8 +78,13 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
 
         notes += pin_kernels(accelerator.device)
     rundir = status.rundir = RunDir(output_dir)  # the folder is the run's from here; undone if it is refused
-    notes += rundir.claim(accelerator)
-    resume_from = checkpoint.pick_resume(accelerator, output_dir, cfg.checkpoint.resume, notes)
+    # The main process alone claims the folder and picks the checkpoint (another node may see other
+    # files); every rank gets its answer, or its refusal.
+    notes += decided_on_main(accelerator, rundir.claim)
+    resume_from, skipped = decided_on_main(accelerator, lambda: checkpoint.choose_resume(output_dir,
+                                                                                         cfg.checkpoint.resume))
+    resume_from = Path(resume_from) if resume_from is not None else None
+    notes += skipped
 
     train_split, test_split = build_splits(cfg.data, accelerator, notes)
     if cfg.data.dataset == "images":  # config.yaml says what the model takes (denoise reads it)

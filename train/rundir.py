@@ -165,23 +165,17 @@ def is_held(output_dir: Path) -> bool | None:
 
 # -- the folder ----------------------------------------------------------------------------
 class RunDir:
-    """output_dir as this process holds it. Only the main process claims it and writes through
-    it; on the other ranks `claim` only learns the main process's outcome."""
+    """output_dir as this process holds it. Only the main process claims it and writes through it."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.identity: tuple[int, int] | None = None  # (device, inode) of the run.lock this process locked
         self.made: Path | None = None  # the outermost folder the claim created, removed by `abandon`
 
-    def claim(self, accelerator) -> list[str]:
-        """Claim the folder on the main process; every rank learns the outcome (one UserError).
-        Holding the lock, it then records a killed run's stale `running` as failed and removes
-        unfinished saves. Returns notes for the log."""
-        from train.distributed import decided_on_main
-
-        return decided_on_main(accelerator, self._claim)
-
-    def _claim(self) -> list[str]:
+    def claim(self) -> list[str]:
+        """Claim the folder (on the main process only: see distributed.decided_on_main). Holding the
+        lock, it then records a killed run's stale `running` as failed and removes unfinished
+        saves. Returns notes for the log; every refusal is one UserError."""
         from train.checkpoint import remove_unfinished
 
         try:
@@ -265,7 +259,8 @@ class RunDir:
         """OUTPUT_DIR/name (in a subfolder, made if missing), whole, while the folder is still this run's."""
         self.check()
         path = self.path / name
-        path.parent.mkdir(exist_ok=True)
+        if path.parent != self.path:  # a subfolder; never output_dir itself, which must not come back
+            path.parent.mkdir(exist_ok=True)
         write_atomic(path, data)
         return path
 

@@ -75,8 +75,9 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     elif what == "metrics linked":
         os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
         (out / "metrics.jsonl").symlink_to(target)
-    else:
-        shutil.rmtree(out)
+    else:  # rm -rf as the run sees it: gone at once (a delete file by file races the run's writes)
+        os.rename(out, tmp_path / "deleted")
+        shutil.rmtree(tmp_path / "deleted", ignore_errors=True)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     [line] = error_lines(stderr)
