@@ -230,7 +230,7 @@ def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, objec
     return compat
 
 
-def choose_resume(output_dir: Path, resume: str) -> tuple[str | None, list[str]]:
+def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from (for the main process to choose: see
     distributed.decided_on_main) and the notes that report damaged ones skipped. Refuses
     checkpoint.resume=none where it would overwrite another run's checkpoints."""
@@ -241,7 +241,7 @@ def choose_resume(output_dir: Path, resume: str) -> tuple[str | None, list[str]]
             f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
             f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
         )
-    return None if path is None else str(path), skipped
+    return path, skipped
 
 
 def _differs(saved: object, now: object, default: object) -> bool:

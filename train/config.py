@@ -65,8 +65,10 @@ class Section:
             value, meta, key = getattr(self, f.name), f.metadata, f"{self.KEY}.{f.name}".lstrip(".")
             if not meta:
                 continue
-            ok = (value in meta["choices"]) if "choices" in meta else \
-                meta.get("low", -math.inf) <= value <= meta.get("high", math.inf) and value > meta.get("above", -math.inf)
+            if "choices" in meta:
+                ok = value in meta["choices"]
+            else:
+                ok = meta.get("low", -math.inf) <= value <= meta.get("high", math.inf) and value > meta.get("above", -math.inf)
             _check(ok, key, f"must be {allowed(meta)}, got {show(value)}")
         self.check()
 
@@ -589,7 +591,8 @@ def reference() -> str:
                 walk(value, f"{prefix}{f.name}.")
             else:
                 shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-                rows.append(f"| `{prefix}{f.name}` | `{shown}` | {allowed(f.metadata)} | {docs[type(section).__name__, f.name]} |")
+                meaning = docs[type(section).__name__, f.name]
+                rows.append(f"| `{prefix}{f.name}` | `{shown}` | {allowed(f.metadata)} | {meaning} |")
 
     walk(Config(), "")
     return "\n".join([

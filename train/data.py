@@ -21,6 +21,7 @@ import torch
 
 from train.errors import DataError, UserError, brief
 
+
 @dataclass
 class Split:
     """One MNIST split: images (N, 1, 28, 28) uint8 and labels (N,) int64, on one device."""

@@ -161,7 +161,8 @@ def _read_npy(path: Path) -> Item:
 def _read_picture(path: Path) -> Item:
     """A picture at its own size, with the mode it is written back in and its transparency."""
     array, alpha = _read(path)
-    mode = "I;16" if array.dtype == np.uint16 else ("L" if array.shape[2] == 1 else "RGB") + ("A" if alpha is not None else "")
+    bands = "L" if array.shape[2] == 1 else "RGB"
+    mode = "I;16" if array.dtype == np.uint16 else bands + ("A" if alpha is not None else "")
     return Item(path, _as_float(array), "picture", mode=mode, alpha=alpha)
 
 

@@ -169,7 +169,7 @@ def load_pictures(folder: str, key: str, channels: int, device: torch.device, me
                     channels, paths, digest.hexdigest()[:16])
 
 
-def load_patches(dc, device: torch.device, notes: list[str]) -> tuple["Patches", Pictures]:
+def load_patches(dc, device: torch.device, notes: list[str]) -> tuple[Patches, Pictures]:
     """data.dataset=images (`dc`: the DataConfig): the training patches and the test pictures on
     `device`, together within data.memory_limit_mib; what they are goes to `notes`."""
     train = load_pictures(dc.train_dir, "data.train_dir", dc.channels, device, dc.memory_limit_mib,

@@ -81,9 +81,8 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     # The main process alone claims the folder and picks the checkpoint (another node may see other
     # files); every rank gets its answer, or its refusal.
     notes += decided_on_main(accelerator, rundir.claim)
-    resume_from, skipped = decided_on_main(accelerator, lambda: checkpoint.choose_resume(output_dir,
-                                                                                         cfg.checkpoint.resume))
-    resume_from = Path(resume_from) if resume_from is not None else None
+    resume_from, skipped = decided_on_main(
+        accelerator, lambda: checkpoint.choose_resume(output_dir, cfg.checkpoint.resume))
     notes += skipped
 
     train_split, test_split = build_splits(cfg.data, accelerator, notes)

@@ -8,6 +8,7 @@ shown. The exceptions: checkpoints, which every rank writes, and status.json
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -283,8 +284,6 @@ def picture_samples_png(model: nn.Module, pictures, n: int, spec: noise.NoiseSpe
 
 def grid_png(images: torch.Tensor, per_row: int, pad: int = 2, pad_value: float = 0.5) -> bytes:
     """Images (N, C, H, W) in [0, 1], C 1 or 3, as one PNG, `per_row` to a row, `pad` grey pixels around each."""
-    import io
-
     from PIL import Image  # torchvision's dependency; torchvision itself is slow to import
 
     n, c, h, w = images.shape
