@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import math
 import re
 import reprlib
@@ -356,9 +355,6 @@ class CheckpointConfig(Section):
         _check(self.resume != "", "checkpoint.resume", "must be auto, none or a checkpoint folder")
 
 
-TRACKERS = ("tensorboard",)  # accelerate's trackers the job can feed, besides wandb
-
-
 @dataclass
 class LoggingConfig(Section):
     KEY = "logging"
@@ -370,15 +366,6 @@ class LoggingConfig(Section):
     """wandb group of the run (slurm/sweep.sh sets the sweep's name); empty = none"""
     every_n_steps: int = option(100, low=1)
     """log train/loss and train/images_per_s every N optimizer steps"""
-    trackers: list[str] = field(default_factory=list)
-    """more trackers fed the same metrics through accelerate's tracker API: [tensorboard]
-    (OUTPUT_DIR/tensorboard/, needs the tensorboard package); metrics.jsonl stays the record"""
-
-    def check(self) -> None:
-        for name in self.trackers:
-            _check(name in TRACKERS, "logging.trackers", f"has '{name}': the trackers are {TRACKERS}")
-            _check(importlib.util.find_spec(name) is not None, "logging.trackers",
-                   f"has '{name}' but its package is not installed: pip install {name} (or drop it)")
 
 
 @dataclass
@@ -418,21 +405,11 @@ def _coerce(value: Any, expected: type, key: str) -> Any:
             if not math.isfinite(number):
                 raise ConfigError(f"config key '{key}' must be a finite number, got {show(value)}")
             return number
-    if typing.get_origin(expected) is list:  # a list of one scalar type, e.g. list[str]
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, e.g. [a, b], got {show(value)}")
-        return [_coerce(v, typing.get_args(expected)[0], key) for v in value]
     # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     shown = "null" if value is None else f"{show(value)} ({type(value).__name__})"
     raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {shown}")
-
-
-# Keys that earlier versions wrote into config.yaml, with the value that means "off": a saved
-# config with that value still loads (for denoise, or --config OUTPUT_DIR/config.yaml).
-RETIRED = {"perf.fuse_first_block": (False, "was removed (never timed on a GPU, slower on CPUs); "
-                                            "docs/performance.md names the commit that holds it")}
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -442,11 +419,6 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
-        if key in RETIRED:
-            off, why = RETIRED[key]
-            if value == off:
-                continue
-            raise ConfigError(f"config key '{key}' {why}: delete it from the config")
         if name not in fields:
             valid = [f"{prefix}{n}" for n in fields]
             near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)

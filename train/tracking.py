@@ -1,5 +1,5 @@
 """Everything a run shows or writes for people: console lines, progress bar, the resolved
-config and setup, metrics.jsonl, sample PNGs, wandb and accelerate's other trackers. Gated
+config and setup, metrics.jsonl, sample PNGs and wandb. Gated
 here, in one place, on the global main process: the other ranks get a `NullTracker` with the
 same methods that does nothing, and their Python warnings (the same as rank 0's) are not
 shown. The exceptions: checkpoints, which every rank writes, and status.json
@@ -13,7 +13,6 @@ import json
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -77,13 +76,12 @@ class Tracker(NullTracker):
     the records it counted or -1 for an older checkpoint that did not count them)."""
 
     def __init__(self, rundir: RunDir, config: dict[str, Any], wandb_mode: str, wandb_project: str,
-                 run_id: str, resume: tuple[int, int] | None, trackers: tuple[str, ...] | list[str] = ()) -> None:
+                 run_id: str, resume: tuple[int, int] | None) -> None:
         self.rundir = rundir  # every write goes through it: the folder must still be this run's
         output_dir = rundir.path
         self.metrics_path = output_dir / METRICS_FILE
         self._bar = None
         self._trim_metrics(resume)
-        self._others = [_start_tracker(name, output_dir, run_id, config) for name in trackers]
         self._wandb = None
         if wandb_mode != "disabled":
             import wandb  # deferred: slow to import, and only the main process needs it
@@ -137,8 +135,6 @@ class Tracker(NullTracker):
         values = {k: v for k, v in metrics.items() if k != "step"}
         if self._wandb is not None:
             self._wandb.log(values, step=metrics["step"])
-        for tracker in self._others:
-            tracker.log(values, step=metrics["step"])
 
     def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
         """config.yaml (the resolved config, reloadable with --config) and setup.json."""
@@ -173,9 +169,6 @@ class Tracker(NullTracker):
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-        for tracker in self._others:
-            tracker.finish()
-        self._others = []
 
 
 WANDB_REACH_S = 10.0  # seconds the wandb server gets to answer before an online run gives up
@@ -199,35 +192,13 @@ def _check_wandb_reachable() -> None:
                         f"or check the network") from None
 
 
-def _start_tracker(name: str, output_dir: Path, run_id: str, config: dict[str, Any]):
-    """One of accelerate's trackers (`logging.trackers`), writing under OUTPUT_DIR/<name>/<run id>,
-    so that every requeue of the run adds to the same folder."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    tracker = LOGGER_TYPE_TO_CLASS[name](run_id, logging_dir=str(output_dir / name))
-    tracker.start()
-    flat = {}
-
-    def flatten(prefix: str, node: Any) -> None:  # hyperparameter tables take flat scalars
-        for key, value in node.items():
-            if isinstance(value, dict):
-                flatten(f"{prefix}{key}.", value)
-            else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    flatten("", config)
-    tracker.store_init_configuration(flat)
-    return tracker
-
-
 def build_tracker(accelerator: Accelerator, rundir: RunDir, config: dict[str, Any], wandb_mode: str,
-                  wandb_project: str, run_id: str, resume: tuple[int, int] | None,
-                  trackers: tuple[str, ...] | list[str] = ()) -> NullTracker:
+                  wandb_project: str, run_id: str, resume: tuple[int, int] | None) -> NullTracker:
     """The one place that decides who writes: the global main process, and nobody else."""
     if not accelerator.is_main_process:
         warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 shows the warnings
         return NullTracker()
-    return Tracker(rundir, config, wandb_mode, wandb_project, run_id, resume, trackers)
+    return Tracker(rundir, config, wandb_mode, wandb_project, run_id, resume)
 
 
 def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int, notes: list[str]) -> None:

@@ -168,7 +168,7 @@ def test_a_requeued_runs_wandb_segments_are_rebuilt_as_one_run(synthetic_mnist, 
     _ok(run_main(args + ["train.max_steps=70"]))
     _ok(run_main(args))
     assert len(list((out / "wandb").glob("offline-run-*"))) == 3
-    r = subprocess.run([sys.executable, "-m", "train.wandb_rebuild", str(out)], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "slurm/wandb_rebuild.py", str(out)], cwd=REPO, capture_output=True,
                        text=True, env={**os.environ, **ENV})
     assert r.returncode == 0 and "wandb sync " in r.stdout, r.stdout + r.stderr
     [folder] = (out / "wandb-rebuilt" / "wandb").glob("offline-run-*")

@@ -1,4 +1,4 @@
-"""The small commands beside training (train.status, train.wandb_rebuild) on files a person or
+"""The small commands beside training (train.status, slurm/wandb_rebuild.py) on files a person or
 a crash left odd: one line and exit 2, or the part that is sound, never a traceback."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from train.config import Config
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+    """`python -m MODULE ARGS`, or `python SCRIPT ARGS` for a .py path."""
+    command = list(args) if args[0].endswith(".py") else ["-m", *args]
+    return subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **ENV})
 
 
@@ -36,11 +38,11 @@ def test_wandb_rebuild_skips_metrics_lines_that_are_not_records(tmp_path):
     (out / "checkpoints" / "step_00000001" / "trainer_state.json").write_text(json.dumps({"run_id": "abcd1234"}))
     (out / "config.yaml").write_text(yaml.safe_dump(Config().to_dict()))
     (out / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"no step": 1}\n{"step": 1, "train/loss": 0.5}\n{"st')
-    r = _run("train.wandb_rebuild", str(out))
+    r = _run("slurm/wandb_rebuild.py", str(out))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "rebuilt wandb run abcd1234 from 1 metrics line in" in r.stdout
     for text in ("[torn", "- a list\n"):  # a config.yaml torn, or not the one a run writes
         (out / "config.yaml").write_text(text)
-        r = _run("train.wandb_rebuild", str(out))
+        r = _run("slurm/wandb_rebuild.py", str(out))
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(error_lines(r.stderr)) == 1, r.stderr
         assert str(out / "config.yaml") in r.stderr

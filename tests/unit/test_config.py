@@ -192,14 +192,6 @@ def test_the_configs_model_names_are_the_models_model_py_builds():
     assert MODEL_NAMES == tuple(MODELS)
 
 
-def test_a_retired_key_loads_when_off_and_says_where_it_went_when_on(tmp_path):
-    saved = tmp_path / "config.yaml"  # as a run of an earlier version wrote it
-    saved.write_text("perf:\n  channels_last: true\n  fuse_first_block: false\n")
-    assert load_config(saved).perf.channels_last
-    with pytest.raises(ConfigError, match="'perf.fuse_first_block' was removed .*docs/performance.md"):
-        load_config(None, ["perf.fuse_first_block=true"])
-
-
 def test_the_configuration_page_is_generated_from_every_keys_docstring():
     from train.config import reference
 
@@ -208,7 +200,7 @@ def test_the_configuration_page_is_generated_from_every_keys_docstring():
     keys = [key for key, _, _ in _leaves(Config())]
     rows = [line.split("|")[1].strip(" `") for line in page.splitlines() if line.startswith("| `")]
     assert rows == keys
-    assert "| `train.lr` | `0.001` | > 0 | Adam learning rate" in page and "| `logging.trackers` | `[]` |  |" in page
+    assert "| `train.lr` | `0.001` | > 0 | Adam learning rate" in page and "| `data.root` | `data` |  |" in page
 
 
 def test_a_global_batch_size_fixes_the_batch_on_any_world_size_that_divides_it():
@@ -222,14 +214,6 @@ def test_a_global_batch_size_fixes_the_batch_on_any_world_size_that_divides_it()
         with pytest.raises(ConfigError, match="train.global_batch_size' \\(24\\) does not split evenly"):
             plan_of(tc, processes)
     assert plan_of(load_config().train, 2).global_batch == 40  # unset: per device x processes, as before
-
-
-def test_list_keys_take_lists_of_their_type():
-    assert load_config(None, ["logging.trackers=[tensorboard]"]).logging.trackers == ["tensorboard"]
-    for bad, words in (("logging.trackers=tensorboard", "must be a list"), ("logging.trackers=[mlflow]", "mlflow"),
-                       ("logging.trackers=[1]", "must be str")):
-        with pytest.raises(ConfigError, match=words):
-            load_config(None, [bad])
 
 
 def _alias_bomb(levels: int = 8) -> str:

@@ -6,7 +6,7 @@ metrics.jsonl is the gap-free record of the whole run (a resume trims it to its 
 so this rebuilds the run from it: one offline run, the checkpoint's run id, the resolved config
 and setup, every metrics line and samples image at its step. Upload that one instead of the segments:
 
-    python -m train.wandb_rebuild OUTPUT_DIR    # writes OUTPUT_DIR/wandb-rebuilt/; prints the sync command
+    python slurm/wandb_rebuild.py OUTPUT_DIR    # writes OUTPUT_DIR/wandb-rebuilt/; prints the sync command
     wandb sync OUTPUT_DIR/wandb-rebuilt/wandb/offline-run-*
 
 Not carried over: system metrics (CPU, GPU and memory use over time).
@@ -19,9 +19,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from train.config import read_yaml
-from train.errors import UserError, counted
-from train.tracking import METRICS_FILE, SAMPLES_KEY
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: train.*
+
+from train.config import read_yaml  # noqa: E402
+from train.errors import UserError, counted  # noqa: E402
+from train.tracking import METRICS_FILE, SAMPLES_KEY  # noqa: E402
 
 REBUILT = "wandb-rebuilt"
 
@@ -87,7 +89,7 @@ def rebuild(output_dir: Path) -> tuple[Path, str, int]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("error: usage is python -m train.wandb_rebuild OUTPUT_DIR", file=sys.stderr)
+        print("error: usage is python slurm/wandb_rebuild.py OUTPUT_DIR", file=sys.stderr)
         return 2
     try:
         folder, run_id, n = rebuild(Path(args[0]))
