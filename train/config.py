@@ -412,6 +412,12 @@ def _coerce(value: Any, expected: type, key: str) -> Any:
     raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {shown}")
 
 
+# Keys that earlier versions wrote into every config.yaml, with the value that means "off": a
+# saved config with that value still loads (for denoise, or --config OUTPUT_DIR/config.yaml).
+RETIRED = {"perf.fuse_first_block": (False, "was removed (never timed on a GPU, slower on CPUs)"),
+           "logging.trackers": ([], "was removed (wandb and metrics.jsonl are the records)")}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -419,6 +425,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if key in RETIRED:
+            off, why = RETIRED[key]
+            if value == off:
+                continue
+            raise ConfigError(f"config key '{key}' {why}: delete it from the config (docs/LOG.md)")
         if name not in fields:
             valid = [f"{prefix}{n}" for n in fields]
             near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)

@@ -192,6 +192,16 @@ def test_the_configs_model_names_are_the_models_model_py_builds():
     assert MODEL_NAMES == tuple(MODELS)
 
 
+def test_a_key_of_earlier_configs_loads_when_off_and_says_where_it_went_when_on(tmp_path):
+    saved = tmp_path / "config.yaml"  # as a run of an earlier version wrote it
+    saved.write_text("perf:\n  channels_last: true\n  fuse_first_block: false\nlogging:\n  trackers: []\n")
+    assert load_config(saved).perf.channels_last
+    for on in ("perf.fuse_first_block=true", "logging.trackers=[tensorboard]"):
+        key = on.split("=")[0]
+        with pytest.raises(ConfigError, match=f"'{key}' was removed .*delete it from the config"):
+            load_config(None, [on])
+
+
 def test_the_configuration_page_is_generated_from_every_keys_docstring():
     from train.config import reference
 
