@@ -1,9 +1,9 @@
 """Everything a run shows or writes for people: console lines, progress bar, the resolved
-config and setup, metrics.jsonl, sample PNGs and wandb. Gated
-here, in one place, on the global main process: the other ranks get a `NullTracker` with the
-same methods that does nothing, and their Python warnings (the same as rank 0's) are not
-shown. The exceptions: checkpoints, which every rank writes, and status.json
-(train/lifecycle.py), where any rank may record a failure.
+config and setup, metrics.jsonl, sample PNGs and wandb. Gated here, in one place, on the
+global main process: the other ranks get a `NullTracker` with the same methods that does
+nothing, and their Python warnings (the same as rank 0's) are not shown. The exceptions:
+checkpoints, which every rank writes, and status.json (train/lifecycle.py), where any rank may
+record a failure.
 """
 
 from __future__ import annotations
