@@ -7,8 +7,7 @@ status: 0 done, 75 stopped on request after a checkpoint (run the same command t
 Stop requests are SIGTERM, SIGINT, SIGUSR1 (SLURM's warning before the time limit) and SIGHUP
 (a closed terminal; left alone under nohup). Before training a request ends the process at
 once: there is nothing to save. During training it only sets a flag; at each optimizer step
-the ranks vote on it (one all-reduce, read a step later), so every rank stops at the same step
-and saves. Either way the run raises `Stopped`, the one exception for "stop".
+the ranks vote on it (one all-reduce), so every rank stops at the same step and saves. Either way the run raises `Stopped`, the one exception for "stop".
 
 Requests within BURST_S of the first are the same request: SLURM and Kubernetes signal the
 launcher and its workers together, and the launcher forwards its copy. A request after that
@@ -108,7 +107,6 @@ class StopFlag:
         self.deferred = False
         self.installed = False
         self._first_at = 0.0
-        self._vote: _Vote | None = None  # the last step's vote, maybe still in flight
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -135,49 +133,23 @@ class StopFlag:
         signal.raise_signal(signum)
 
     def any_rank_stopping(self, accelerator: Accelerator) -> bool:
-        """True on every rank, from the same call on, once any rank was signalled by its previous call.
-
-        Call once per optimizer step, at the same steps on all ranks. With several ranks each
-        call starts this step's vote and reads the previous step's: the host waits at most for
-        the work queued before that vote, never for the step it has just queued, so a GPU
-        still has that step to run while the host queues the next. The price is a stop one
-        step later.
-        """
+        """True on every rank, from the same call on, once any rank has been asked to stop.
+        Call once per optimizer step, at the same steps on all ranks: one all-reduce of one
+        number, and on a GPU a host sync."""
         local = self.signum is not None
         if accelerator.num_processes == 1:
             return local
-        previous, self._vote = self._vote, _Vote(local, accelerator)
-        return previous is not None and previous.result()
+        import torch
+
+        # torch.full fills on the device: no host-to-device copy before the all-reduce.
+        votes = accelerator.reduce(torch.full((1,), float(local), device=accelerator.device), reduction="sum")
+        return votes.item() > 0
 
     @property
     def name(self) -> str:
         if self.reason is not None:
             return self.reason
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
-
-
-class _Vote:
-    """One step's stop vote, summed over the ranks, read later without waiting for later work."""
-
-    def __init__(self, local: bool, accelerator: Accelerator) -> None:
-        import torch
-
-        # torch.full fills on the device: unlike torch.tensor([...], device=...) it needs no
-        # blocking host-to-device copy. On a GPU the all-reduce is queued, not waited for.
-        total = accelerator.reduce(torch.full((1,), float(local), device=accelerator.device), reduction="sum")
-        self._done: torch.cuda.Event | None = None
-        if total.device.type == "cuda":  # copy the sum out behind the all-reduce, mark the point
-            self._sum = torch.empty(1, pin_memory=True).copy_(total, non_blocking=True)
-            self._done = torch.cuda.Event()
-            self._done.record()
-        else:  # gloo on the CPU: the all-reduce has already returned the sum
-            self._sum = total
-
-    def result(self) -> bool:
-        """True if any rank voted to stop. Waits only for the work queued before the vote."""
-        if self._done is not None:
-            self._done.synchronize()
-        return self._sum.item() > 0  # a host tensor by now: no device sync
 
 
 def launcher_args(pid: int) -> list[str]:
