@@ -7,7 +7,8 @@ status: 0 done, 75 stopped on request after a checkpoint (run the same command t
 Stop requests are SIGTERM, SIGINT, SIGUSR1 (SLURM's warning before the time limit) and SIGHUP
 (a closed terminal; left alone under nohup). Before training a request ends the process at
 once: there is nothing to save. During training it only sets a flag; at each optimizer step
-the ranks vote on it (one all-reduce), so every rank stops at the same step and saves. Either way the run raises `Stopped`, the one exception for "stop".
+the ranks vote on it (one all-reduce), so every rank stops at the same step and saves.
+Either way the run raises `Stopped`, the one exception for "stop".
 
 Requests within BURST_S of the first are the same request: SLURM and Kubernetes signal the
 launcher and its workers together, and the launcher forwards its copy. A request after that
