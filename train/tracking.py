@@ -8,6 +8,7 @@ record a failure.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -133,8 +134,24 @@ class Tracker(NullTracker):
         self.rundir.append(METRICS_FILE, json.dumps(metrics))
         self.lines += 1
         values = {k: v for k, v in metrics.items() if k != "step"}
-        if self._wandb is not None:
-            self._wandb.log(values, step=metrics["step"])
+        self._to_wandb(lambda run: run.log(values, step=metrics["step"]))
+
+    def _to_wandb(self, send: Callable[[Any], None]) -> None:
+        """`send(run)` to the wandb run, if it is still there. wandb copies metrics.jsonl, so when
+        its service dies (accelerate launch ends every process under it on a stop signal,
+        wandb's too) the run goes on, and saves, without it."""
+        if self._wandb is None:
+            return
+        try:
+            send(self._wandb)
+        except Exception as e:  # the service's connection: ConnectionResetError, BrokenPipeError, ...
+            import wandb
+
+            self._wandb = None
+            with contextlib.suppress(Exception):
+                wandb.teardown()  # its exit hook would only fail again, with a traceback
+            self.info(f"warning: wandb stopped ({brief(e)}); metrics.jsonl holds every record, and "
+                      f"python slurm/wandb_rebuild.py {self.rundir.path} makes a wandb run of it")
 
     def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
         """config.yaml (the resolved config, reloadable with --config) and setup.json."""
@@ -148,7 +165,7 @@ class Tracker(NullTracker):
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+            self._to_wandb(lambda run: run.log({key: wandb.Image(str(path))}, step=step))
 
     def progress(self, total: int, initial: int) -> None:
         from tqdm.auto import tqdm
@@ -166,9 +183,8 @@ class Tracker(NullTracker):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        self._to_wandb(lambda run: run.finish())
+        self._wandb = None
 
 
 WANDB_REACH_S = 10.0  # seconds the wandb server gets to answer before an online run gives up

@@ -154,6 +154,24 @@ def test_workers_checkpoint_and_end_when_their_launcher_is_killed(synthetic_mnis
     assert f"step_{stopped:08d}" in resumed.stdout and _status(out)["outcome"] == "completed"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_accelerate_launch_saves_although_it_ends_wandbs_process_too(synthetic_mnist, tmp_path, stop):
+    # The README's one-process `accelerate launch`, with wandb as it is by default (offline): on
+    # SIGTERM or Ctrl-C the launcher ends every process under it, wandb's service among them.
+    out = tmp_path / "run"
+    args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}", "logging.wandb_mode=offline"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = start_main(args, launcher=launcher)
+    wait_for_metrics(out, proc, lines=2)
+    proc.send_signal(stop)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped = _stopped_cleanly(out, "stopped by SIGTERM")  # what the launcher sends its worker, either way
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert read_metrics(out)[-1]["step"] == stopped  # the steps before the stop are all in the record
+
+
 # -- 5. stop signals -------------------------------------------------------------------------
 @pytest.mark.parametrize("signals", [["SIGINT", "SIGTERM", "SIGTERM"], ["SIGHUP"]])
 def test_a_burst_of_stop_signals_or_sighup_is_one_stop_request(synthetic_mnist, tmp_path, signals):
