@@ -203,7 +203,7 @@ def _prunable(output_dir: Path, keep_last: int) -> list[Path]:
 def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, object]:
     """What a checkpoint must share with this run to resume it: the weights' shapes, the
     global micro-batch (which fixes the data order) and the accumulation (which groups it
-    into optimizer steps), the seed, the data, the precision, and where the learning rate
+    into optimizer steps), the seed, the data and its training noise, the precision, and where the learning rate
     depends on the step, its schedule. (`cfg`: the run's Config; `plan`: its BatchPlan;
     `pictures`: the training pictures of data.dataset=images, whose fingerprint counts.)"""
     tc = cfg.train
@@ -217,6 +217,7 @@ def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, objec
         **batches,
         "train.seed": tc.seed,
         "data.train_samples": cfg.data.train_samples,
+        "training_noise": cfg.noise.train_spec().describe(),  # what the model learns to remove
         "mixed_precision": mixed_precision,
     }
     if pictures is not None:  # which patches an epoch's samples are, and what the model takes
@@ -228,6 +229,11 @@ def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, objec
         compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
                        "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
     return compat
+
+
+# Compat keys that checkpoints written before them do not hold: compared only where recorded,
+# so such a checkpoint still resumes.
+_RECORDED_SINCE = ("training_noise",)
 
 
 def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
@@ -265,6 +271,8 @@ def _restoring_overrides(keys: list[str], saved: dict, num_processes: int) -> li
             fixes.append(f"train.mixed_precision={value}")
         elif key == "data.fingerprint":
             fixes.append("the training pictures it was trained on back in data.train_dir")
+        elif key == "training_noise":
+            fixes.append(f"noise.* as it trained: {value}")
         elif "." in key and isinstance(value, (int, float, str)):
             fixes.append(f"{key}={value}")
     return fixes
@@ -301,8 +309,8 @@ def load(accelerator: Accelerator, path: Path, compat: dict, optimizer, defaults
             f"checkpoint {path} is unreadable ({brief(e)}): delete it to fall back to an older one, or start afresh in a new output_dir"
         ) from e
     defaults = defaults or {}
-    differing = sorted(k for k in compat.keys() | state.compat.keys()
-                       if _differs(state.compat.get(k), compat.get(k), defaults.get(k)))
+    compared = [k for k in compat.keys() | state.compat.keys() if k in state.compat or k not in _RECORDED_SINCE]
+    differing = sorted(k for k in compared if _differs(state.compat.get(k), compat.get(k), defaults.get(k)))
     if differing:
         pairs = ", ".join(f"{k}: {_shown(state.compat, k, 'saved')}, {_shown(compat, k, 'now')}" for k in differing)
         saved = {**{k: v for k, v in _NO_SCHEDULE.items() if k not in state.compat}, **state.compat}

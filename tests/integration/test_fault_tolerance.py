@@ -16,6 +16,7 @@ import torch
 
 from conftest import (FORWARD, MAIN, REPO, accelerate_cpu, error_lines, interruptible, load_weights, read_metrics,
                       run_main, start_main, wait_for_metrics)
+from train import checkpoint
 
 # 400 images / batch 20 = 20 steps per epoch, 2 epochs; checkpoints every 8 steps and at
 # epoch ends (8, 16, 20, 24, 32, 40).
@@ -154,6 +155,31 @@ def test_resuming_with_settings_that_change_the_meaning_is_refused(synthetic_mni
     assert _status(out)["outcome"] == "completed"
     # A harmless change (more epochs, other logging) continues the run.
     r = _ok(run_main(base + ["logging.every_n_steps=10"]))
+    assert "resuming from" in r.stdout and read_metrics(out)[-1]["step"] == 60
+
+
+def test_a_resume_with_other_training_noise_is_refused_and_other_evaluation_noise_is_not(synthetic_mnist, tmp_path,
+                                                                                          straight):
+    # The training noise is what the model learns to remove: another kind or level is another run.
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    base = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3"]
+    for change, now in [(["noise.factor=0.3"], "'gaussian 0.3'"), (["noise.kind=salt_pepper"], "'salt_pepper 0.5'"),
+                        (["noise.train_factor_max=0.9"], "'gaussian 0-0.9 per sample'")]:
+        r = run_main(base + change)
+        [line] = error_lines(r.stderr)
+        assert r.returncode == 2 and f"training_noise: saved 'gaussian 0.5', now {now}" in line, line
+        assert "resume with its settings (noise.* as it trained: gaussian 0.5)" in line
+    assert _status(out)["outcome"] == "completed"
+    # A checkpoint written before the key existed resumes as before; the evaluation noise may change.
+    newest = out / "checkpoints" / "step_00000040"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    del state["compat"]["training_noise"]
+    (newest / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["trainer_state.json"] = checkpoint._file_digest(newest / "trainer_state.json")
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    r = _ok(run_main(base + ["noise.eval_seed=7"]))
     assert "resuming from" in r.stdout and read_metrics(out)[-1]["step"] == 60
 
 
