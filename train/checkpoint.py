@@ -203,9 +203,10 @@ def _prunable(output_dir: Path, keep_last: int) -> list[Path]:
 def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, object]:
     """What a checkpoint must share with this run to resume it: the weights' shapes, the
     global micro-batch (which fixes the data order) and the accumulation (which groups it
-    into optimizer steps), the seed, the data and its training noise, the precision, and where the learning rate
-    depends on the step, its schedule. (`cfg`: the run's Config; `plan`: its BatchPlan;
-    `pictures`: the training pictures of data.dataset=images, whose fingerprint counts.)"""
+    into optimizer steps), the seed, the data and its training noise, the precision, and
+    where the learning rate depends on the step, its schedule. (`cfg`: the run's Config;
+    `plan`: its BatchPlan; `pictures`: the training pictures of data.dataset=images, whose
+    fingerprint counts.)"""
     tc = cfg.train
     # The forward passes of a step: exact reduction fixes each one's images on any world size.
     batches = ({"train.exact_reduction": True, "train.per_device_batch_size": plan.per_device_batch_size,
@@ -229,11 +230,6 @@ def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, objec
         compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
                        "train.epochs": tc.epochs, "train.max_steps": tc.max_steps})
     return compat
-
-
-# Compat keys that checkpoints written before them do not hold: compared only where recorded,
-# so such a checkpoint still resumes.
-_RECORDED_SINCE = ("training_noise",)
 
 
 def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
@@ -284,6 +280,10 @@ _NO_SCHEDULE = {"train.lr_schedule": "constant", "train.warmup_steps": 0}
 
 
 _SCHEDULE_KEYS = (*_NO_SCHEDULE, "train.epochs", "train.max_steps")
+
+# Compat keys that checkpoints written before them do not hold: compared only where recorded,
+# so such a checkpoint still resumes.
+_RECORDED_SINCE = ("training_noise",)
 
 
 def _shown(compat: dict, key: str, side: str) -> str:
