@@ -127,6 +127,9 @@ def load_pictures(folder: str, key: str, channels: int, device: torch.device, me
     at least `min_side` pixels a side, taking at most `memory_limit_mib` on `device`; every
     problem is one DataError naming the files."""
     paths = find_pictures(folder, key)
+    least = sum(map(_pixel_count, paths))  # bytes: a decoded pixel takes at least one (uint8, one channel)
+    if least > memory_limit_mib * 2**20:  # refused before the host holds more than one picture
+        raise _over_limit(key, folder, f"at least {least / 2**20:,.1f} MiB decoded", memory_limit_mib)
     arrays, unreadable, digest = [], [], hashlib.sha256()
     for path in paths:
         try:
@@ -156,9 +159,8 @@ def load_pictures(folder: str, key: str, channels: int, device: torch.device, me
     arrays = [to_channels(a, channels) for a in arrays]
     size = sum(a.size for a in arrays) * (4 if wide else 1)
     if size > memory_limit_mib * 2**20:
-        raise DataError(f"{key}={folder}: the pictures take {size / 2**20:,.1f} MiB decoded ({'float32' if wide else 'uint8'}), "
-                        f"more than the {memory_limit_mib:,.1f} MiB that data.memory_limit_mib leaves them on the training "
-                        f"device: raise the limit if the device has room, or use fewer or smaller pictures")
+        raise _over_limit(key, folder, f"{size / 2**20:,.1f} MiB decoded ({'float32' if wide else 'uint8'})",
+                          memory_limit_mib)
     flat = [torch.from_numpy(np.array(a.transpose(2, 0, 1))).flatten() for a in arrays]  # a writable copy
     if wide:  # one scale for all: [0, 1] in float32
         flat = [f.to(torch.float32) / (65535.0 if a.dtype == np.uint16 else 255.0) for f, a in zip(flat, arrays)]
@@ -167,6 +169,26 @@ def load_pictures(folder: str, key: str, channels: int, device: torch.device, me
                     torch.tensor([a.shape[0] for a in arrays], device=device),
                     torch.tensor([a.shape[1] for a in arrays], device=device),
                     channels, paths, digest.hexdigest()[:16])
+
+
+def _pixel_count(path: Path) -> int:
+    """Width x height from the picture's header alone; 0 where Pillow cannot read it (decoding
+    it then names the problem)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                return im.width * im.height
+        except Exception:  # any damage or bomb the header shows: reported when the picture is decoded
+            return 0
+
+
+def _over_limit(key: str, folder: str, taken: str, memory_limit_mib: float) -> DataError:
+    return DataError(f"{key}={folder}: the pictures take {taken}, more than the {memory_limit_mib:,.1f} MiB that "
+                     f"data.memory_limit_mib leaves them on the training device: raise the limit if the device has "
+                     f"room, or use fewer or smaller pictures")
 
 
 def load_patches(dc, device: torch.device, notes: list[str]) -> tuple[Patches, Pictures]:

@@ -74,6 +74,20 @@ def test_a_bad_folder_is_one_error_naming_the_problem(tmp_path, monkeypatch, cas
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_pictures_over_the_memory_limit_are_refused_from_their_headers_before_any_is_decoded(tmp_path, monkeypatch):
+    import train.images
+
+    folder = write_pictures(tmp_path / "a", [(64, 64), (64, 64)], channels=3)[0].parent
+    pixels_mib = 2 * 64 * 64 / 2**20  # the least they take decoded: a byte a pixel; colour takes 3
+    with pytest.raises(DataError, match=r"take 0\.0 MiB decoded \(uint8\), more than"):
+        _load(folder, limit=2 * pixels_mib)  # the headers fit, the decoded colour does not: refused exactly
+    decoded = []
+    monkeypatch.setattr(train.images, "read_picture", lambda *a: decoded.append(a))
+    with pytest.raises(DataError, match="take at least 0.0 MiB decoded, more than the 0.0 MiB that data.memory_limit_mib"):
+        _load(folder, limit=pixels_mib / 2)
+    assert not decoded  # refused from the headers, before any picture was decoded
+
+
 def test_patches_are_a_function_of_seed_epoch_and_index_alone(tmp_path):
     pictures = _load(write_pictures(tmp_path / "a", [(70, 90), (64, 64), (100, 66)])[0].parent)
     patches = Patches(pictures, 32, 5)
