@@ -40,6 +40,31 @@ def test_what_is_installed_is_within_the_bounds_the_project_declares():
         assert req.specifier.contains(version(req.name), prereleases=True), (req.name, version(req.name))
 
 
+def test_every_package_the_code_imports_is_declared_with_bounds():
+    """A package train/ imports only through another's dependencies (Pillow through torchvision)
+    would reach a fresh install at any version, untested: each must be named in pyproject.toml."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    import pytest
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    declared = {Requirement(r).name.lower() for r in tomllib.loads((REPO / "pyproject.toml").read_text())
+                ["project"]["dependencies"]}
+    imported = set()
+    for path in (REPO / "train").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"train"}
+    owners = packages_distributions()
+    undeclared = {m: owners.get(m) for m in third_party if not {d.lower() for d in owners.get(m, [])} & declared}
+    assert not undeclared, f"imported by train/ but not in pyproject.toml's dependencies: {undeclared}"
+
+
 def test_what_the_quick_start_writes_is_left_out_of_git():
     if shutil.which("git") is None or not (REPO / ".git").exists():
         import pytest
