@@ -21,8 +21,9 @@ output .npy has the same shape, float32 in [0, 1].
 A model trained on pictures (data.dataset=images) denoises each picture at its own size and
 writes it back in its own format, size, mode and bit depth (8- or 16-bit gray, RGB; alpha
 kept as it was; palette and CMYK pictures come back as RGB, or gray where all their colours
-are, 1-bit ones as 8-bit gray): big pictures go through the model in tiles (--tile, with
-overlap, no seams), so memory stays bounded. --noise-sigma S corrupts them first (0-255 scale).
+are, 1-bit ones as 8-bit gray; as PNG where Pillow cannot write that format in that mode):
+big pictures go through the model in tiles (--tile, with overlap, no seams), so memory stays
+bounded. --noise-sigma S corrupts them first (0-255 scale).
 
 `--noise-factor F` corrupts the inputs first with the checkpoint's noise kind (or
 `--noise-kind`) at level F and also writes the noisy versions (`*_noisy.*`): a way to see
@@ -33,6 +34,8 @@ is refused. Exit status 0 done, 2 a mistake to fix (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import os
 import sys
 import time
@@ -158,26 +161,56 @@ def _read_npy(path: Path) -> Item:
     return Item(path, x.reshape(-1, 1, SIDE, SIDE), "npy", npy_shape=shape)
 
 
+def _mode_of(array: np.ndarray, alpha: np.ndarray | None) -> str:
+    """The Pillow mode a picture read by `_read` is written back in."""
+    if array.dtype == np.uint16:
+        return "I;16"
+    return ("L" if array.shape[2] == 1 else "RGB") + ("A" if alpha is not None else "")
+
+
 def _read_picture(path: Path) -> Item:
     """A picture at its own size, with the mode it is written back in and its transparency."""
     array, alpha = _read(path)
-    bands = "L" if array.shape[2] == 1 else "RGB"
-    mode = "I;16" if array.dtype == np.uint16 else bands + ("A" if alpha is not None else "")
-    return Item(path, _as_float(array), "picture", mode=mode, alpha=alpha)
+    return Item(path, _as_float(array), "picture", mode=_mode_of(array, alpha), alpha=alpha)
 
 
-def _write_picture(item: Item, pixels: torch.Tensor, path: Path) -> None:
+def _write_picture(item: Item, pixels: torch.Tensor, target: Path | io.BytesIO, fmt: str | None = None) -> None:
+    """`pixels` (1, C, H, W) in [0, 1] as a file of `item`'s mode; `fmt` from the path's suffix unless given."""
     from PIL import Image
 
+    fmt = fmt or Image.registered_extensions()[Path(target).suffix.lower()]
     if item.mode == "I;16":
-        Image.fromarray((pixels[0, 0] * 65535.0).round().numpy().astype(np.uint16)).save(path)  # mode I;16
+        Image.fromarray((pixels[0, 0] * 65535.0).round().numpy().astype(np.uint16)).save(target, fmt)  # mode I;16
         return
     array = (pixels[0] * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
     if item.alpha is not None:
         array = np.concatenate([array, item.alpha[..., None]], axis=2)
     array = array[..., 0] if array.shape[2] == 1 else array
-    kept = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
-    Image.fromarray(array).save(path, **kept)  # uint8 with 1, 2, 3 or 4 channels: L, LA, RGB or RGBA
+    kept = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(array).save(target, fmt, **kept)  # uint8 with 1, 2, 3 or 4 channels: L, LA, RGB or RGBA
+
+
+@functools.cache
+def _writes_back(suffix: str, mode: str) -> bool:
+    """Whether Pillow writes a picture of `mode` in the format of `suffix` so that it reads back
+    in that mode (bit depth and transparency kept): tried on a 2 x 2 picture. False for a suffix
+    Pillow only reads (.psd, .xpm, ...) or none."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(suffix)  # after Pillow has loaded every format
+    if fmt not in Image.SAVE:
+        return False
+    channels = 1 if mode in ("L", "LA", "I;16") else 3
+    alpha = np.array([[0, 255], [255, 0]], dtype=np.uint8) if mode.endswith("A") else None
+    probe = Item(Path(f"probe{suffix}"), None, "picture", mode=mode, alpha=alpha)  # type: ignore[arg-type]
+    buffer = io.BytesIO()
+    try:
+        _write_picture(probe, torch.linspace(0, 1, channels * 4).view(1, channels, 2, 2), buffer, fmt)
+        from train.images import read_picture
+
+        return _mode_of(*read_picture(probe.source, buffer.getvalue())) == mode
+    except (OSError, ValueError):  # what Pillow raises for a mode a format cannot hold
+        return False
 
 
 @torch.no_grad()
@@ -215,41 +248,45 @@ def read_inputs(paths: list[str], pictures: bool = False) -> list[Item]:
 
 
 # -- outputs --------------------------------------------------------------------------------
-def _out_path(item: Item, stem: Path) -> Path:
-    if item.kind == "picture":  # a picture is written as it came: same format
-        return stem.with_suffix(item.source.suffix)
-    return stem.with_suffix(".npy" if item.kind == "npy" else ".png")
+def _suffix(item: Item) -> str:
+    """.npy for arrays, .png for digits; a picture keeps its own format where Pillow writes it
+    back in the picture's mode, else PNG (which holds every mode read)."""
+    if item.kind != "picture":
+        return ".npy" if item.kind == "npy" else ".png"
+    return item.source.suffix if _writes_back(item.source.suffix.lower(), item.mode) else ".png"
 
 
-def _write(item: Item, images: torch.Tensor, stem: Path) -> None:
+def _write(item: Item, images: torch.Tensor, path: Path) -> None:
     if item.kind == "picture":
-        _write_picture(item, images, _out_path(item, stem))
+        _write_picture(item, images, path)
         return
     if item.kind == "npy":
-        np.save(_out_path(item, stem), images.reshape(item.npy_shape).numpy())
+        np.save(path, images.reshape(item.npy_shape).numpy())
         return
     from PIL import Image
 
     x = 1.0 - images[0, 0] if item.inverted else images[0, 0]
-    Image.fromarray((x * 255.0).round().to(torch.uint8).numpy(), mode="L").save(_out_path(item, stem))
+    Image.fromarray((x * 255.0).round().to(torch.uint8).numpy(), mode="L").save(path)
 
 
-def _out_stems(items: list[Item], out_dir: Path, noisy: bool) -> list[Path]:
-    """Where each item's results go; refuses names that collide (a denoised output with another
-    input's, or with another input's noisy copy) or would overwrite an input."""
-    stems = [out_dir / item.source.stem for item in items]
-    seen: dict[Path, Path] = {}  # every file the run writes (its stem), and the input it is for
+def _out_paths(items: list[Item], out_dir: Path, noisy: bool) -> list[tuple[Path, Path]]:
+    """Each item's (denoised, noisy) output file: the input's name with its last suffix
+    replaced, `_noisy` before it. Refuses two outputs on one file (e.g. b.png's noisy copy and
+    b_noisy.png's result) and an output on an input."""
+    pairs = [(out_dir / f"{item.source.stem}{_suffix(item)}", out_dir / f"{item.source.stem}_noisy{_suffix(item)}")
+             for item in items]
+    seen: dict[Path, Path] = {}  # every file the run writes, and the input it is for
     inputs = {item.source.resolve() for item in items}
-    for stem, item in zip(stems, items):
-        for out in [stem] + ([stem.with_name(stem.name + "_noisy")] if noisy else []):
+    for pair, item in zip(pairs, items):
+        for out in pair if noisy else pair[:1]:
             if out in seen:
-                raise DenoiseError(f"inputs {seen[out]} and {item.source} would both be written to {out}.*: "
+                raise DenoiseError(f"inputs {seen[out]} and {item.source} would both be written to {out}: "
                                    f"rename one, or denoise them in two runs with different --out")
             seen[out] = item.source
-            if _out_path(item, out).resolve() in inputs:
-                raise DenoiseError(f"writing {_out_path(item, out)} would overwrite the input file of that name: "
+            if out.resolve() in inputs:
+                raise DenoiseError(f"writing {out} would overwrite the input file of that name: "
                                    f"choose an --out folder that holds no inputs (e.g. --out denoised)")
-    return stems
+    return pairs
 
 
 @torch.no_grad()
@@ -320,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     pictures = cfg.data.dataset == "images"  # each picture at its own size, mode and bit depth
     items = read_inputs(args.inputs, pictures)
     out_dir = Path(args.out)
-    stems = _out_stems(items, out_dir, noisy=args.noise_factor is not None)
+    paths = _out_paths(items, out_dir, noisy=args.noise_factor is not None)
     spec = None
     if args.noise_factor is not None:
         kind = args.noise_kind or cfg.noise.kind
@@ -330,15 +367,15 @@ def run(args: argparse.Namespace) -> int:
     done = pixels = 0
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for item, stem in zip(items, stems):
+        for item, (path, noisy_path) in zip(items, paths):
             images = item.images
             if spec is not None:  # sample k of the call is keyed by k, whichever file holds it
                 index = torch.arange(done, done + len(images))
                 images = noise.add_noise(images, index, spec, args.seed, noise.EVAL_EPOCH, wide=pictures)
-                _write(item, images, stem.with_name(stem.name + "_noisy"))
+                _write(item, images, noisy_path)
             clean = denoise_picture(model, images, cfg.data.channels, device, args.tile) if pictures else \
                 denoise(model, images, device, args.batch_size)
-            _write(item, clean, stem)
+            _write(item, clean, path)
             done, pixels = done + len(images), pixels + images[0, 0].numel() * len(images)
     except OSError as e:
         raise DenoiseError(f"cannot write to {out_dir} ({e.strerror}): choose a writable --out folder") from e

@@ -175,6 +175,34 @@ def test_noisy_copies_never_collide_with_another_inputs_output(run_dir, digits, 
     assert capsys.readouterr().out.startswith("denoised 1 image from 1 file with")
 
 
+def test_names_with_dots_keep_every_output(run_dir, digits, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, name in enumerate(("scan.v1.png", "scan.v2.png", "2024.01.05.png")):
+        Image.fromarray(digits[i]).save(inputs / name)
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(run_dir), "--out", str(out), "--noise-factor", "0.5", str(inputs)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["2024.01.05.png", "2024.01.05_noisy.png", "scan.v1.png",
+                                                    "scan.v1_noisy.png", "scan.v2.png", "scan.v2_noisy.png"]
+    assert capsys.readouterr().out.startswith("denoised 3 images from 3 files")
+
+
+def test_a_picture_is_written_in_its_own_format_where_pillow_keeps_its_mode_else_as_png():
+    from train.denoise import Item, _suffix
+
+    def suffix(name: str, mode: str) -> str:
+        alpha = np.zeros((2, 2), np.uint8) if mode.endswith("A") else None
+        return _suffix(Item(Path(name), torch.zeros(1), "picture", mode=mode, alpha=alpha))
+
+    kept = [("a.png", "I;16"), ("a.PNG", "RGBA"), ("a.jpg", "L"), ("a.tif", "I;16"), ("a.gif", "RGBA"),
+            ("a.webp", "RGB")]
+    assert [suffix(name, mode) for name, mode in kept] == [Path(name).suffix for name, _ in kept]
+    # No suffix, formats Pillow only reads, and modes a format cannot hold (JPEG has no alpha or
+    # 16 bits, BMP no 16 bits, WebP stores gray as RGB) come back as PNG, which holds them all.
+    png = [("scan", "RGB"), ("a.psd", "RGB"), ("a.xpm", "L"), ("a.jpg", "RGBA"), ("a.bmp", "I;16"), ("a.webp", "L")]
+    assert [suffix(name, mode) for name, mode in png] == [".png"] * len(png)
+
+
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header claims width x height grey pixels (all a reader checks before decoding)."""
     def chunk(kind: bytes, data: bytes) -> bytes:

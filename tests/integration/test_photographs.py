@@ -61,15 +61,19 @@ def test_pictures_train_resume_exactly_and_denoise_at_full_size(pictures, tmp_pa
     jpeg = write_pictures(tmp_path / "jpeg", [(30, 33)], channels=1, suffix=".jpg")[0].rename(inputs / "photo.jpg")
     rgba = np.dstack([np.asarray(Image.open(rgb)), np.linspace(0, 255, 45 * 61).reshape(45, 61).astype(np.uint8)])
     Image.fromarray(rgba).save(inputs / "clear.png")
+    (inputs / "scan").write_bytes(rgb.read_bytes())  # no suffix: written as PNG
+    (inputs / "p0.v2.png").write_bytes(rgb.read_bytes())  # a dotted name keeps its own output
     outputs = {}
     for tile in (16, 256):
         out = tmp_path / f"out{tile}"
         r = subprocess.run([sys.executable, "-m", "train.denoise", "--checkpoint", str(whole), str(inputs), "--out",
                             str(out), "--tile", str(tile)], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and "denoised 4 pictures" in r.stdout, r.stderr
+        assert r.returncode == 0 and "denoised 6 pictures" in r.stdout, r.stderr
         outputs[tile] = {p.name: Image.open(p) for p in out.iterdir()}
-    assert sorted(outputs[16]) == ["clear.png", "deep.png", "p0.png", "photo.jpg"]
-    for name, source in (("p0.png", rgb), ("deep.png", deep), ("photo.jpg", jpeg), ("clear.png", inputs / "clear.png")):
+    assert sorted(outputs[16]) == ["clear.png", "deep.png", "p0.png", "p0.v2.png", "photo.jpg", "scan.png"]
+    assert np.array_equal(np.asarray(outputs[16]["scan.png"]), np.asarray(outputs[16]["p0.png"]))
+    for name, source in (("p0.png", rgb), ("deep.png", deep), ("photo.jpg", jpeg), ("clear.png", inputs / "clear.png"),
+                         ("p0.v2.png", rgb)):
         original, written = Image.open(source), outputs[16][name]
         assert (written.size, written.mode) == (original.size, original.mode), name
     assert np.array_equal(np.asarray(outputs[16]["clear.png"])[..., 3], rgba[..., 3])  # alpha kept as it was
