@@ -12,7 +12,8 @@
   run that was accepted: a second file of that name would be a second lock.
 - **Writes.** Every file is written whole or not at all (a temporary file renamed over it),
   and never through a symbolic link: a link planted in the folder must not turn a write
-  into an overwrite elsewhere.
+  into an overwrite elsewhere. A linked file is replaced; a linked folder (samples/,
+  checkpoints/, wandb/, where the run writes and prunes) is refused.
 - **Who writes what.** The main process writes every file here, except the checkpoints,
   which every rank writes its part of (train/checkpoint.py), and a `failed` status record,
   which any rank may write: the launcher may kill the main process before it can
@@ -57,14 +58,18 @@ class LinkRefused(UserError):
 
 
 # -- writing files -------------------------------------------------------------------------
+def _refused(path: Path) -> LinkRefused:
+    return LinkRefused(f"{path} is a symbolic link: the run writes its own files only, never through a "
+                       f"link; remove the link (or choose another output_dir), then run the same command")
+
+
 def open_no_link(path: Path, flags: int) -> int:
     """os.open(path, flags) that refuses a symbolic link at `path` in one line."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise LinkRefused(f"{path} is a symbolic link: the run writes its own files only, never through a "
-                              f"link; remove the link (or choose another output_dir), then run the same command") from None
+            raise _refused(path) from None
         raise
 
 
@@ -186,6 +191,9 @@ class RunDir:
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             notes = self._lock()
+            for entry in sorted(self.path.iterdir()):  # checkpoints/, samples/, wandb/: written into and pruned
+                if entry.is_symlink() and entry.is_dir():
+                    raise _refused(entry)
             previous = read_status(self.path / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
                 write_status(self.path / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
@@ -260,6 +268,8 @@ class RunDir:
         self.check()
         path = self.path / name
         if path.parent != self.path:  # a subfolder; never output_dir itself, which must not come back
+            if path.parent.is_symlink():
+                raise _refused(path.parent)
             path.parent.mkdir(exist_ok=True)
         write_atomic(path, data)
         return path

@@ -60,9 +60,25 @@ def test_no_write_goes_through_a_link_planted_in_the_folder(synthetic_mnist, tmp
     assert r.returncode == 2 and "Traceback" not in r.stderr and target.read_text() == "do not touch\n"
     [line] = error_lines(r.stderr)
     assert f"{out / 'run.lock'} is a symbolic link" in line
+    (out / "run.lock").unlink()
+    # A linked folder, at the start: refused in one line (pruning would delete in its target).
+    theirs = tmp_path / "theirs"
+    (theirs / "step_00000010").mkdir(parents=True)
+    (theirs / "step_00000030.png").write_bytes(b"my picture")
+    before = _files(theirs)
+    for name in ("checkpoints", "samples"):
+        os.replace(out / name, tmp_path / f"moved-{name}")
+        (out / name).symlink_to(theirs, target_is_directory=True)
+        r = run_main(args + ["train.epochs=3"])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        [line] = error_lines(r.stderr)
+        assert f"{out / name} is a symbolic link" in line and _files(theirs) == before
+        (out / name).unlink()
+        os.replace(tmp_path / f"moved-{name}", out / name)
+    assert run_main(args + ["train.epochs=3"]).returncode == 0
 
 
-@pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "folder deleted"])
+@pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "samples linked", "folder deleted"])
 def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist, tmp_path, what):
     out = tmp_path / "run"
     args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
@@ -75,6 +91,10 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     elif what == "metrics linked":
         os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
         (out / "metrics.jsonl").symlink_to(target)
+    elif what == "samples linked":  # before the first evaluation writes samples/
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        (out / "samples").symlink_to(theirs, target_is_directory=True)
     else:  # rm -rf as the run sees it: gone at once (a delete file by file races the run's writes)
         os.rename(out, tmp_path / "deleted")
         shutil.rmtree(tmp_path / "deleted", ignore_errors=True)
@@ -82,8 +102,9 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     [line] = error_lines(stderr)
     assert target.read_text() == "do not touch\n"
-    if what == "metrics linked":
-        assert f"{out / 'metrics.jsonl'} is a symbolic link" in line
+    if what in ("metrics linked", "samples linked"):
+        linked = out / ("metrics.jsonl" if what == "metrics linked" else "samples")
+        assert f"{linked} is a symbolic link" in line and not any(tmp_path.glob("theirs/*"))
         return
     assert "was deleted or replaced while this run held it" in line, line
     if what == "folder deleted":  # nothing recreated in its name, no record claiming a cause
