@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from train.errors import UserError, brief
 from train.faults import fault_point
+from train.rundir import read_own
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -106,9 +107,9 @@ def _file_digest(path: Path) -> dict:
 def verify(path: Path) -> str | None:
     """None if the checkpoint folder is complete and intact, else what is wrong with it."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads(read_own(path / MANIFEST))
     except (OSError, ValueError) as e:
-        return f"no readable {MANIFEST} ({type(e).__name__})"
+        return f"no readable {MANIFEST} ({getattr(e, 'strerror', None) or type(e).__name__})"
     for name, expected in manifest.items():
         file = path / name
         if not file.is_file():
@@ -234,16 +235,21 @@ def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, objec
 
 def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from (for the main process to choose: see
-    distributed.decided_on_main) and the notes that report damaged ones skipped. Refuses
+    distributed.decided_on_main), and notes: the unfinished saves it first cleared away (the
+    main process holds the run lock by now) and the damaged checkpoints skipped. Refuses
     checkpoint.resume=none where it would overwrite another run's checkpoints."""
-    skipped: list[str] = []
-    path = find_resume(output_dir, resume, warn=skipped.append)
+    try:
+        notes = remove_unfinished(output_dir)
+    except OSError as e:
+        raise CheckpointError(f"cannot clear away an unfinished save in {output_dir / CHECKPOINTS} ({e.strerror}): "
+                              f"make the folder writable, then run the same command") from None
+    path = find_resume(output_dir, resume, warn=notes.append)
     if path is None and resume == "none" and _step_dirs(output_dir):
         raise CheckpointError(
             f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
             f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
         )
-    return path, skipped
+    return path, notes
 
 
 def _differs(saved: object, now: object, default: object) -> bool:
@@ -303,7 +309,7 @@ def load(accelerator: Accelerator, path: Path, compat: dict, optimizer, defaults
     the saved state brings back the saved ones, which the run's config and log would not show;
     each one that changed is reported in `notes`."""
     try:
-        state = _check_state(json.loads((path / STATE_FILE).read_text()), path)
+        state = _check_state(json.loads(read_own(path / STATE_FILE)), path)
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({brief(e)}): delete it to fall back to an older one, or start afresh in a new output_dir"

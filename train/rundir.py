@@ -13,7 +13,8 @@
 - **Writes.** Every file is written whole or not at all (a temporary file renamed over it),
   and never through a symbolic link: a link planted in the folder must not turn a write
   into an overwrite elsewhere. A linked file is replaced; a linked folder (samples/,
-  checkpoints/, wandb/, where the run writes and prunes) is refused.
+  checkpoints/, wandb/, where the run writes and prunes), or a file in a folder's place, is
+  refused. A file is read only when it is a plain file, never through a link (`read_own`).
 - **Who writes what.** The main process writes every file here, except the checkpoints,
   which every rank writes its part of (train/checkpoint.py), and a `failed` status record,
   which any rank may write: the launcher may kill the main process before it can
@@ -32,6 +33,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from train.errors import UserError
 
 LOCK_FILE = "run.lock"
 STATUS_FILE = "status.json"
+FOLDERS = ("checkpoints", "samples", "wandb")  # the subfolders a run writes
 STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out of memory or a lost node); "
              "its checkpoints are intact: run the same command to resume from the last one")
 _BUSY = (errno.EAGAIN, errno.EACCES)  # what lockf says when another process holds the lock
@@ -71,6 +74,22 @@ def open_no_link(path: Path, flags: int) -> int:
         if e.errno == errno.ELOOP:
             raise _refused(path) from None
         raise
+
+
+def read_own(path: Path) -> bytes:
+    """The whole of the run's file at `path`; OSError for a link (ELOOP) or anything but a plain
+    file (EINVAL): a FIFO planted there would block the run, and a device would never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise OSError(e.errno, "a symbolic link" if e.errno == errno.ELOOP else e.strerror, str(path)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a plain file", str(path))
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -121,7 +140,7 @@ def read_status(path: Path) -> dict | None:
     """The record at `path`; None if there is none, or it is not a whole record (a torn write,
     a file edited by hand)."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(read_own(path))
     except (OSError, ValueError):
         return None
     whole = isinstance(record, dict) and isinstance(record.get("outcome"), str) and \
@@ -144,7 +163,7 @@ def settle(output_dir: Path) -> dict | None:
 def describe_holder(path: Path) -> str:
     """'host H, pid P, started T' from a lock file, as far as it can be read."""
     try:
-        holder = json.loads(path.read_text())
+        holder = json.loads(read_own(path))
         return f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"
@@ -179,10 +198,8 @@ class RunDir:
 
     def claim(self) -> list[str]:
         """Claim the folder (on the main process only: see distributed.decided_on_main). Holding the
-        lock, it then records a killed run's stale `running` as failed and removes unfinished
-        saves. Returns notes for the log; every refusal is one UserError."""
-        from train.checkpoint import remove_unfinished
-
+        lock, it then records a killed run's stale `running` as failed (checkpoint.choose_resume
+        clears away unfinished saves next). Returns notes for the log; every refusal is one UserError."""
         try:
             self._refuse_foreign()
             missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
@@ -191,9 +208,13 @@ class RunDir:
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             notes = self._lock()
-            for entry in sorted(self.path.iterdir()):  # checkpoints/, samples/, wandb/: written into and pruned
-                if entry.is_symlink() and entry.is_dir():
+            for name in FOLDERS:  # written into and pruned: a link would do that in its target
+                entry = self.path / name
+                if entry.is_symlink():
                     raise _refused(entry)
+                if entry.exists() and not entry.is_dir():
+                    raise UserError(f"{entry} is not a folder, and the run writes its {name} files there: move it "
+                                    f"away (or choose another output_dir), then run the same command")
             previous = read_status(self.path / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
                 write_status(self.path / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
@@ -201,7 +222,7 @@ class RunDir:
                 at = f"at step {step}" if isinstance(step, int) and step > 0 else "before its first logged step"
                 notes.append(f"the previous run in {self.path} was killed without recording an outcome (it said "
                              f"'running' {at}); recorded it as failed")
-            return notes + remove_unfinished(self.path)
+            return notes
         except OSError as e:
             raise UserError(f"cannot write to output_dir {self.path} ({e.strerror}): choose a writable folder") from None
 
@@ -225,6 +246,9 @@ class RunDir:
         the lock for microseconds."""
         path = self.path / LOCK_FILE
         fd = open_no_link(path, os.O_RDWR | os.O_CREAT)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO: it would not lock
+            os.close(fd)
+            raise UserError(f"{path} is not a plain file: remove it, then run the same command")
         deadline = time.monotonic() + wait_s
         while True:
             try:

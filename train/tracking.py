@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ from torch import nn
 from train import metrics, noise
 from train.data import Split
 from train.errors import UserError, brief
-from train.rundir import RunDir
+from train.rundir import RunDir, read_own
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_KEY = "eval/samples"  # the samples image's key; its PNGs go to OUTPUT_DIR/samples/
@@ -100,13 +101,17 @@ class Tracker(NullTracker):
     def _trim_metrics(self, resume: tuple[int, int] | None) -> None:
         """Keep the records the checkpoint had seen, atomically. A line that is not a whole
         record (the tail torn by a kill or a full disk) is dropped and reported, never fatal."""
-        if not self.metrics_path.exists():
+        if not os.path.lexists(self.metrics_path):
             return
         if resume is None:
             self.metrics_path.unlink()
             return
         step, count = resume
-        lines = self.metrics_path.read_text(errors="replace").splitlines()
+        try:
+            lines = read_own(self.metrics_path).decode(errors="replace").splitlines()
+        except OSError as e:  # a link or a FIFO planted in its place: the record is not ours to read
+            raise UserError(f"{self.metrics_path} cannot be read as this run's record ({e.strerror}): move it "
+                            f"away, then run the same command") from None
         steps = [_step_of(line) for line in lines]
         torn = [line for line, s in zip(lines, steps) if s is None and line.strip()]
         records = [line for line, s in zip(lines, steps) if s is not None]

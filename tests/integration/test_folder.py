@@ -78,6 +78,41 @@ def test_no_write_goes_through_a_link_planted_in_the_folder(synthetic_mnist, tmp
     assert run_main(args + ["train.epochs=3"]).returncode == 0
 
 
+def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(synthetic_mnist, tmp_path):
+    """Planted where the run reads or writes: a FIFO (reading it would block forever), a link to
+    /dev/zero (reading it would never end), a file where a folder goes (a traceback after the
+    epoch). Each ends in one line before any training, or is replaced as a record of ours."""
+    base = tmp_path / "base"
+    args = SHORT + [f"data.root={synthetic_mnist}", "train.epochs=2"]
+    assert run_main(args + [f"output_dir={base}", "train.epochs=1"]).returncode == 0
+    cases = [("status.json", "fifo", None), ("metrics.jsonl", "fifo", "metrics.jsonl cannot be read"),
+             ("metrics.jsonl", "zero", "metrics.jsonl cannot be read as this run's record (a symbolic link)"),
+             ("run.lock", "fifo", "run.lock is not a plain file"),
+             ("checkpoints/step_00000010/manifest.json", "fifo", "no readable manifest.json (not a plain file)"),
+             ("samples", "file", "samples is not a folder"), ("checkpoints", "file", "checkpoints is not a folder")]
+    for i, (name, kind, refusal) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        shutil.copytree(base, out, symlinks=True)
+        planted = out / name
+        shutil.rmtree(planted) if planted.is_dir() else planted.unlink()
+        if kind == "fifo":
+            os.mkfifo(planted)
+        elif kind == "zero":
+            planted.symlink_to("/dev/zero")
+        else:
+            planted.write_text("my notes\n")
+        r = run_main(args + [f"output_dir={out}"], timeout=60)  # without the checks: a hang, or a traceback
+        if refusal is None:  # our own record, unreadable: replaced, and the run resumes
+            assert r.returncode == 0 and json.loads((out / name).read_text())["outcome"] == "completed", name
+            continue
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        [line] = error_lines(r.stderr)
+        assert refusal in line, line
+        assert kind != "file" or planted.read_text() == "my notes\n"
+        if name != "checkpoints":  # nothing trained, nothing saved
+            assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000010"], name
+
+
 @pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "samples linked", "folder deleted"])
 def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist, tmp_path, what):
     out = tmp_path / "run"
