@@ -173,17 +173,34 @@ def test_a_stop_signal_to_accelerate_launch_saves_although_it_ends_wandbs_proces
 
 
 # -- 5. stop signals -------------------------------------------------------------------------
-@pytest.mark.parametrize("signals", [["SIGINT", "SIGTERM", "SIGTERM"], ["SIGHUP"]])
-def test_a_burst_of_stop_signals_or_sighup_is_one_stop_request(synthetic_mnist, tmp_path, signals):
+def test_a_burst_of_stop_signals_is_one_stop_request(synthetic_mnist, tmp_path):
     out = tmp_path / "run"
     proc = start_main(LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"])
     wait_for_metrics(out, proc, lines=1)
-    for name in signals:  # a few ms apart, as SLURM and a forwarding launcher send them
+    for name in ("SIGINT", "SIGTERM", "SIGTERM"):  # a few ms apart, as SLURM and a forwarding launcher send them
         proc.send_signal(getattr(signal, name))
         time.sleep(0.02)  # apart enough that each runs the handler (signals closer than that merge)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
-    _stopped_cleanly(out, signals[0])
+    _stopped_cleanly(out, "SIGINT")
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+def test_sighup_is_a_stop_request_unless_the_run_was_started_under_nohup(synthetic_mnist, tmp_path, nohup):
+    """The SIGHUP disposition is set for the run itself, whatever the test runner's is (a
+    pytest started under nohup would pass its ignored SIGHUP on)."""
+    out = tmp_path / "run"
+    disposition = signal.SIG_IGN if nohup else signal.SIG_DFL
+    proc = start_main(LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"], launcher=[sys.executable],
+                      preexec_fn=lambda: signal.signal(signal.SIGHUP, disposition))
+    wait_for_metrics(out, proc, lines=1)
+    proc.send_signal(signal.SIGHUP)
+    stdout, stderr = proc.communicate(timeout=120)
+    if nohup:  # the user asked the run to outlive the terminal: it trains to the end
+        assert proc.returncode == 0 and _status(out)["outcome"] == "completed", stderr[-2000:]
+        return
+    assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
+    _stopped_cleanly(out, "SIGHUP")
 
 
 def test_a_second_request_after_the_first_stops_at_once_and_records_it(tmp_path):
