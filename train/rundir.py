@@ -66,26 +66,39 @@ def _refused(path: Path) -> LinkRefused:
                        f"link; remove the link (or choose another output_dir), then run the same command")
 
 
-def open_no_link(path: Path, flags: int) -> int:
-    """os.open(path, flags) that refuses a symbolic link at `path` in one line."""
+def _open_plain(path: Path, flags: int) -> int:
+    """os.open(path, flags) of a plain file only: OSError ELOOP for a symbolic link, EINVAL for
+    anything else (a FIFO planted there would block the run, a device would never end)."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link", str(path)) from None
+        if e.errno == errno.ENXIO:  # a FIFO opened for writing, with no reader
+            raise OSError(errno.EINVAL, "not a plain file", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a plain file", str(path))
+    return fd
+
+
+def open_no_link(path: Path, flags: int) -> int:
+    """os.open(path, flags) of a plain file, refusing a symbolic link or anything else in one line."""
+    try:
+        return _open_plain(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _refused(path) from None
+        if e.errno == errno.EINVAL:
+            raise UserError(f"{path} is not a plain file: remove it, then run the same command") from None
         raise
 
 
 def read_own(path: Path) -> bytes:
-    """The whole of the run's file at `path`; OSError for a link (ELOOP) or anything but a plain
-    file (EINVAL): a FIFO planted there would block the run, and a device would never end."""
+    """The whole of the run's file at `path`; OSError for a link or anything but a plain file."""
+    fd = _open_plain(path, os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        raise OSError(e.errno, "a symbolic link" if e.errno == errno.ELOOP else e.strerror, str(path)) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a plain file", str(path))
         with open(fd, "rb", closefd=False) as f:
             return f.read()
     finally:
@@ -246,9 +259,6 @@ class RunDir:
         the lock for microseconds."""
         path = self.path / LOCK_FILE
         fd = open_no_link(path, os.O_RDWR | os.O_CREAT)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO: it would not lock
-            os.close(fd)
-            raise UserError(f"{path} is not a plain file: remove it, then run the same command")
         deadline = time.monotonic() + wait_s
         while True:
             try:
