@@ -120,19 +120,25 @@ def verify(path: Path) -> str | None:
 
 
 def find_resume(output_dir: Path, resume: str, warn=print) -> Path | None:
-    """The checkpoint to resume from: auto = newest intact one in output_dir (damaged newer
-    ones are reported through `warn` and skipped), none, or an explicit folder."""
+    """The checkpoint to resume from: the newest intact one in output_dir (damaged newer ones
+    are reported through `warn` and skipped); none; or a checkpoint folder, which only starts
+    the run: once output_dir holds an intact checkpoint of its own, the run continues from the
+    newest of those, so that the same command resumes a preempted run instead of starting it
+    again from that folder."""
     if resume == "none":
         return None
+    damaged = []
+    for path in reversed(_step_dirs(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            _INTACT.add(path)
+            if resume != "auto" and Path(resume).resolve() != path.resolve():
+                warn(f"resuming from {path}, the newest checkpoint in {output_dir}, not checkpoint.resume={resume}: "
+                     f"a checkpoint.resume folder only starts a run; to start again from it, give a new output_dir")
+            return path
+        warn(f"checkpoint {path} is damaged ({problem}); falling back to the one before it")
+        damaged.append(f"{path.name}: {problem}")
     if resume == "auto":
-        damaged = []
-        for path in reversed(_step_dirs(output_dir)):
-            problem = verify(path)
-            if problem is None:
-                _INTACT.add(path)
-                return path
-            warn(f"checkpoint {path} is damaged ({problem}); falling back to the one before it")
-            damaged.append(f"{path.name}: {problem}")
         if damaged:  # starting afresh would bury the run's work under new checkpoints
             raise CheckpointError(
                 f"every checkpoint in {output_dir / CHECKPOINTS} is damaged ({'; '.join(damaged)}): restore one "
@@ -150,6 +156,12 @@ def find_resume(output_dir: Path, resume: str, warn=print) -> Path | None:
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is damaged ({problem}): pick another one, or checkpoint.resume=auto")
     return path
+
+
+def is_own(output_dir: Path, path: Path) -> bool:
+    """Whether checkpoint `path` is one of output_dir's own (else a run is started from it:
+    a new wandb run, and metrics.jsonl holds none of its history)."""
+    return path.resolve().parent == (output_dir / CHECKPOINTS).resolve()
 
 
 def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_last: int) -> Path:

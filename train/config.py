@@ -349,7 +349,8 @@ class CheckpointConfig(Section):
     keep_last: int = option(2, low=1)
     """how many checkpoints to keep (the oldest are deleted)"""
     resume: str = "auto"
-    """auto (newest checkpoint in output_dir, if any) | none | a checkpoint folder"""
+    """auto (newest checkpoint in output_dir, if any) | none | a checkpoint folder to start from
+    (once output_dir has checkpoints of its own, the newest of those: the same command resumes)"""
 
     def check(self) -> None:
         _check(self.resume != "", "checkpoint.resume", "must be auto, none or a checkpoint folder")

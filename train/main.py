@@ -113,13 +113,15 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     status.accepted = True  # only now: a refused resume leaves the folder as it was
     status.step = state.step
     status.record("running", 0)
-    state.run_id = state.run_id or secrets.token_hex(4)  # the wandb run id; only the main process uses it
+    own = resume_from is not None and checkpoint.is_own(output_dir, resume_from)
+    if not own or not state.run_id:  # a run started from another run's checkpoint is a run of its own, in wandb too
+        state.run_id = secrets.token_hex(4)  # the wandb run id; only the main process uses it
 
     setup = {**describe(accelerator), "global_batch": plan.global_batch,
              "per_device_batch": plan.per_device_batch_size, "lr": plan.peak_lr}
     tracker = build_tracker(accelerator, rundir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
-                            resume=(state.step, state.metrics_lines) if resume_from is not None else None)
+                            resume=None if resume_from is None else (state.step, state.metrics_lines if own else -1))
     tracker.write_run_files(cfg.to_dict(), setup)
     log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:

@@ -138,6 +138,30 @@ def test_explicit_damaged_checkpoint_is_an_error(synthetic_mnist, tmp_path, stra
     assert "Traceback" not in r.stderr
 
 
+def test_a_run_started_from_another_runs_checkpoint_resumes_its_own_and_is_a_run_of_its_own(synthetic_mnist,
+                                                                                             tmp_path, straight):
+    # A run started from another run's checkpoint, then preempted (or killed, then requeued with
+    # the same arguments), continues from its own checkpoints, not from the one it started from:
+    # it ends as the uninterrupted run does, with no repeated records and a wandb run of its own.
+    start = straight / "checkpoints" / "step_00000024"
+    branch = RUN + [f"data.root={synthetic_mnist}", "train.epochs=3", f"checkpoint.resume={start}"]
+    whole = tmp_path / "whole"
+    _ok(run_main(branch + [f"output_dir={whole}"]))
+    assert read_metrics(whole)[0]["step"] > 24  # the run it started from keeps its own history
+    out = tmp_path / "branch"
+    r = run_main(branch + [f"output_dir={out}"], env={"DENOISE_FAULT": "after_step:50"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    r = _ok(run_main(branch + [f"output_dir={out}"]))
+    assert f"resuming from {out / 'checkpoints' / 'step_00000048'} (step 48" in r.stdout
+    _assert_same_as(out, whole)
+
+    def run_id(run: Path) -> str:
+        return json.loads((run / "checkpoints" / "step_00000060" / "trainer_state.json").read_text())["run_id"]
+
+    started_from = json.loads((start / "trainer_state.json").read_text())["run_id"]
+    assert run_id(out) != started_from and run_id(whole) != started_from
+
+
 def test_resuming_with_settings_that_change_the_meaning_is_refused(synthetic_mnist, tmp_path, straight):
     out = tmp_path / "run"
     shutil.copytree(straight, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def test_pruning_never_deletes_an_intact_checkpoint_for_a_damaged_one(tmp_path):
@@ -24,6 +25,34 @@ def test_pruning_never_deletes_an_intact_checkpoint_for_a_damaged_one(tmp_path):
     assert [p.name for p in _prunable(tmp_path, 3)] == []
     assert [p.name for p in _prunable(tmp_path, 1)] == ["step_00000008", "step_00000016", "step_00000024",
                                                         "step_00000032"]
+
+
+def test_a_checkpoint_resume_folder_only_starts_a_run(tmp_path):
+    """checkpoint.resume=PATH is where a run starts; once output_dir has an intact checkpoint
+    of its own, the run continues from it (the same command resumes it), whatever PATH is now."""
+    from train.checkpoint import MANIFEST, _file_digest, find_resume
+
+    def checkpoint(path: Path, damaged: bool = False) -> Path:
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"weights")
+        (path / MANIFEST).write_text(json.dumps({"model.safetensors": _file_digest(path / "model.safetensors")}))
+        if damaged:
+            (path / "model.safetensors").write_bytes(b"torn")
+        return path
+
+    start, out = checkpoint(tmp_path / "other" / "step_00000010"), tmp_path / "out"
+    assert find_resume(out, str(start)) == start  # nothing of its own yet
+    damaged = checkpoint(out / "checkpoints" / "step_00000020", damaged=True)
+    notes = []
+    assert find_resume(out, str(start), warn=notes.append) == start  # nothing intact of its own
+    assert len(notes) == 1 and str(damaged) in notes[0]
+    own = checkpoint(out / "checkpoints" / "step_00000012")
+    notes.clear()
+    assert find_resume(out, str(start), warn=notes.append) == own
+    assert str(own) in notes[-1] and f"not checkpoint.resume={start}" in notes[-1]
+    assert find_resume(out, str(tmp_path / "gone")) == own  # the folder it started from may be gone by now
+    notes.clear()
+    assert find_resume(out, str(own), warn=notes.append) == own and len(notes) == 1  # the damaged newer one only
 
 
 def test_a_resumed_optimizer_runs_this_runs_settings_not_the_checkpoints(tmp_path):
