@@ -258,8 +258,9 @@ def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]
     path = find_resume(output_dir, resume, warn=notes.append)
     if path is None and resume == "none" and _step_dirs(output_dir):
         raise CheckpointError(
-            f"output_dir {output_dir} already holds checkpoints of another run and checkpoint.resume=none "
-            f"would overwrite them: choose a new output_dir, or set checkpoint.resume=auto to continue it"
+            f"output_dir {output_dir} already holds checkpoints (of an earlier run, or of this one before it "
+            f"stopped) and checkpoint.resume=none would overwrite them: set checkpoint.resume=auto to continue "
+            f"from them, or choose a new output_dir"
         )
     return path, notes
 

@@ -48,11 +48,12 @@ class Stopped(BaseException):
     start-up (`step` None) with nothing to save. A BaseException, like KeyboardInterrupt, so
     that no `except Exception` turns it into an error."""
 
-    def __init__(self, what: str, step: int | None = None) -> None:
+    def __init__(self, what: str, step: int | None = None, resume: str = "auto") -> None:
         self.step = step
+        again = "the same command" + (" and checkpoint.resume=auto" if resume == "none" else "")  # none refuses it
         super().__init__(f"stopped by {what} during start-up, before training began: nothing to save; run the same "
                          f"command to start again" if step is None else
-                         f"stopped by {what} at step {step}; checkpoint saved, resume with the same command")
+                         f"stopped by {what} at step {step}; checkpoint saved, resume with {again}")
 
 
 class RunStatus:

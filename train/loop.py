@@ -232,7 +232,7 @@ class Trainer:
                     self._log_train(window)
                     self._save(window)
                     self.tracker.finish()
-                    raise Stopped(self.stop.name, s.step)
+                    raise Stopped(self.stop.name, s.step, cfg.checkpoint.resume)
                 if cfg.checkpoint.every_n_steps and s.step % cfg.checkpoint.every_n_steps == 0:
                     self._log_train(window)
                     self._save(window)

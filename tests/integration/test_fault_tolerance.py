@@ -392,3 +392,19 @@ def test_signal_to_a_single_process_run(synthetic_mnist, tmp_path):
     proc.send_signal(signal.SIGUSR1)
     proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT and _status(out)["outcome"] == "preempted"
+
+
+def test_a_stopped_run_that_asked_for_no_resume_names_the_command_that_resumes_it(synthetic_mnist, tmp_path):
+    # checkpoint.resume=none refuses a folder with checkpoints, its own included: the same
+    # command would not resume it, so the stop says which does, and that one does.
+    out = tmp_path / "run"
+    args = interruptible(synthetic_mnist, out, 1) + ["train.epochs=10"]
+    proc = start_main(args + ["checkpoint.resume=none"])
+    wait_for_metrics(out, proc, lines=1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT
+    assert _status(out)["message"].endswith("resume with the same command and checkpoint.resume=auto"), err
+    assert run_main(args + ["checkpoint.resume=none"]).returncode == 2
+    r = _ok(run_main(args + ["checkpoint.resume=none", "checkpoint.resume=auto"]))
+    assert f"resuming from {out / 'checkpoints'}" in r.stdout
