@@ -101,7 +101,8 @@ def remove_unfinished(output_dir: Path) -> list[str]:
 
 
 def _file_digest(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    data = read_own(path)  # a plain file only, never through a link
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def verify(path: Path) -> str | None:
@@ -110,11 +111,15 @@ def verify(path: Path) -> str | None:
         manifest = json.loads(read_own(path / MANIFEST))
     except (OSError, ValueError) as e:
         return f"no readable {MANIFEST} ({getattr(e, 'strerror', None) or type(e).__name__})"
+    # save() lists the checkpoint's own files by name: anything else was not written by it.
+    if not isinstance(manifest, dict) or not all(isinstance(n, str) and "/" not in n and n.strip(".") for n in manifest):
+        return f"{MANIFEST} does not list the checkpoint's files by name"
     for name, expected in manifest.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if _file_digest(file) != expected:
+        try:
+            digest = _file_digest(path / name)
+        except OSError:
+            return f"{name} is missing or not a plain file"
+        if digest != expected:
             return f"{name} does not match its checksum (truncated or overwritten)"
     return None
 

@@ -89,15 +89,35 @@ def test_sigkill_then_resume_ends_bit_identical(synthetic_mnist, tmp_path, strai
     assert not list((out / "checkpoints").glob(".tmp-*")), "a half-written checkpoint is cleaned up"
 
 
+def _truncate(newest: Path) -> None:  # as by a full disk
+    opt = newest / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+
+
+def _relist(newest: Path, manifest) -> None:  # a manifest edited, or planted, by hand
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _link(newest: Path) -> None:  # its weights a link to another checkpoint's
+    (newest / "model.safetensors").unlink()
+    (newest / "model.safetensors").symlink_to(newest.parent / "step_00000020" / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (_truncate, "optimizer.bin does not match its checksum"),
+    (lambda newest: _relist(newest, [1]), "manifest.json does not list the checkpoint's files by name"),
+    (lambda newest: _relist(newest, {"../step_00000020/model.safetensors": {}}),
+     "manifest.json does not list the checkpoint's files by name"),
+    (_link, "model.safetensors is missing or not a plain file"),
+], ids=["truncated", "manifest-not-a-mapping", "manifest-outside", "linked-file"])
 def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(synthetic_mnist, tmp_path, straight,
-                                                                         killed):
+                                                                         killed, damage, problem):
     out = killed("after_step:30", tmp_path / "run")
     args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
     newest = out / "checkpoints" / "step_00000024"
-    opt = newest / "optimizer.bin"
-    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])  # truncated, as by a full disk
+    damage(newest)
     r = _ok(run_main(args))
-    assert f"checkpoint {newest} is damaged (optimizer.bin does not match its checksum" in r.stdout
+    assert f"checkpoint {newest} is damaged ({problem}" in r.stdout
     assert "resuming from" in r.stdout and "step_00000020" in r.stdout
     _assert_same_as(out, straight)
 
