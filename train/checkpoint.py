@@ -62,12 +62,13 @@ def _check_state(state: dict, path: Path) -> TrainerState:
     """A TrainerState from a checkpoint's JSON, each field of its own type (checksums only say
     the file is the one that was saved, not that what was saved is sane)."""
     fields = {f.name: f for f in dataclasses.fields(TrainerState)}
+    state = state if isinstance(state, dict) else {}
     unknown = sorted(set(state) - set(fields))
     wrong = [name for name, value in state.items() if name in fields and not (
         isinstance(value, dict) if name == "compat" else isinstance(value, str) if name == "run_id"
         else isinstance(value, int) and not isinstance(value, bool))]
-    if not isinstance(state, dict) or unknown or wrong:
-        bad = unknown[:1] or wrong[:1] or ["not a mapping"]
+    if not state or unknown or wrong:
+        bad = unknown[:1] or wrong[:1] or ["not a mapping of its fields"]
         raise CheckpointError(f"checkpoint {path} has an unreadable {STATE_FILE} ({bad[0]}): delete the checkpoint "
                               f"to fall back to an older one, or start afresh in a new output_dir")
     return TrainerState(**state)

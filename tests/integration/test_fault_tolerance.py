@@ -269,12 +269,13 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose_or_the_run_refuses(
     assert _status(out)["outcome"] == "completed"  # the refused run left the finished run's record
 
 
-def _edit_state(ckpt: Path, **fields) -> None:
-    """Change trainer_state.json and make its checksum match again: edited, yet 'intact'."""
+def _edit_state(ckpt: Path, fields: dict | list | None = None, **changes) -> None:
+    """Change trainer_state.json (its `changes`, or all of it to `fields` when given) and make
+    its checksum match again: edited, yet 'intact'."""
     import hashlib
 
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    data = json.dumps({**state, **fields}).encode()
+    data = json.dumps({**state, **changes} if fields is None else fields).encode()
     (ckpt / "trainer_state.json").write_bytes(data)
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["trainer_state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -282,13 +283,14 @@ def _edit_state(ckpt: Path, **fields) -> None:
 
 
 @pytest.mark.parametrize("fields", [{"micro_step": 500}, {"epoch": 7}, {"step": -5}, {"micro_step": 3},
-                                    {"step": "40"}, {"metrics_lines": True}],
+                                    {"step": "40"}, {"metrics_lines": True}, ([{"step": 40}],), ({},)],
                          ids=["past the epoch's end", "epoch past the end", "negative step", "step off its position",
-                              "a string", "a bool"])
+                              "a string", "a bool", "a list", "an empty mapping"])
 def test_a_checkpoint_with_an_impossible_position_is_refused(synthetic_mnist, tmp_path, straight, fields):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
-    _edit_state(out / "checkpoints" / "step_00000040", **fields)
+    ckpt = out / "checkpoints" / "step_00000040"
+    _edit_state(ckpt, fields[0]) if isinstance(fields, tuple) else _edit_state(ckpt, **fields)  # (a whole file,)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
     r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.epochs=3"], timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
