@@ -35,10 +35,11 @@ def run_id_of(output_dir: Path) -> str:
     states = sorted((output_dir / CHECKPOINTS).glob(f"step_*/{STATE_FILE}"))
     for state in reversed(states):
         try:
-            run_id = json.loads(state.read_text()).get("run_id")
+            saved = json.loads(state.read_text())
         except (OSError, ValueError):
             continue  # a damaged checkpoint: the one before it has the same id
-        if run_id:
+        run_id = saved.get("run_id") if isinstance(saved, dict) else None
+        if isinstance(run_id, str) and run_id:
             return run_id
     raise UserError(f"no checkpoint in {output_dir / CHECKPOINTS} holds a wandb run id: is {output_dir} a run's output_dir?")
 
@@ -53,7 +54,10 @@ def rebuild(output_dir: Path) -> tuple[Path, str, int]:
     if not isinstance(config, dict) or not isinstance(config.get("logging"), dict):
         raise UserError(f"{output_dir / 'config.yaml'} is not the resolved config a run writes: give a run's output_dir")
     setup_path = output_dir / "setup.json"
-    config["setup"] = json.loads(setup_path.read_text()) if setup_path.exists() else {}
+    try:
+        config["setup"] = json.loads(setup_path.read_text()) if setup_path.exists() else {}
+    except (OSError, ValueError):
+        config["setup"] = {}  # torn or unreadable: the run's settings are in config.yaml
     lines = []
     for line in metrics_path.read_text(errors="replace").splitlines():
         try:

@@ -37,6 +37,9 @@ def test_wandb_rebuild_skips_metrics_lines_that_are_not_records(tmp_path):
     (out / "checkpoints" / "step_00000001").mkdir(parents=True)
     (out / "checkpoints" / "step_00000001" / "trainer_state.json").write_text(json.dumps({"run_id": "abcd1234"}))
     (out / "config.yaml").write_text(yaml.safe_dump(Config().to_dict()))
+    (out / "checkpoints" / "step_00000002").mkdir(parents=True)  # newer, its state not a mapping: skipped
+    (out / "checkpoints" / "step_00000002" / "trainer_state.json").write_text(json.dumps([{"run_id": "x"}]))
+    (out / "setup.json").write_text('{"world_si')  # torn
     (out / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"no step": 1}\n{"step": 1, "train/loss": 0.5}\n{"st')
     r = _run("slurm/wandb_rebuild.py", str(out))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
