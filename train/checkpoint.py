@@ -58,7 +58,7 @@ class TrainerState:
     after (-1: not recorded by older versions; the metrics up to `step` are kept)"""
 
 
-def _check_state(state: dict, path: Path) -> TrainerState:
+def _check_state(state: dict, path: Path, fix: str) -> TrainerState:
     """A TrainerState from a checkpoint's JSON, each field of its own type (checksums only say
     the file is the one that was saved, not that what was saved is sane)."""
     fields = {f.name: f for f in dataclasses.fields(TrainerState)}
@@ -69,8 +69,7 @@ def _check_state(state: dict, path: Path) -> TrainerState:
         else isinstance(value, int) and not isinstance(value, bool))]
     if not state or unknown or wrong:
         bad = unknown[:1] or wrong[:1] or ["not a mapping of its fields"]
-        raise CheckpointError(f"checkpoint {path} has an unreadable {STATE_FILE} ({bad[0]}): delete the checkpoint "
-                              f"to fall back to an older one, or start afresh in a new output_dir")
+        raise CheckpointError(f"checkpoint {path} has an unreadable {STATE_FILE} ({bad[0]}): {fix}")
     return TrainerState(**state)
 
 
@@ -168,6 +167,14 @@ def is_own(output_dir: Path, path: Path) -> bool:
     """Whether checkpoint `path` is one of output_dir's own (else a run is started from it:
     a new wandb run, and metrics.jsonl holds none of its history)."""
     return path.resolve().parent == (output_dir / CHECKPOINTS).resolve()
+
+
+def remedy(own: bool) -> str:
+    """What a refusal of a checkpoint that cannot be resumed advises: one of the run's own may
+    go, so that the run falls back to the one before it; another run's is not ours to delete."""
+    if own:
+        return "delete it to fall back to an older one, or start afresh in a new output_dir"
+    return "it is another run's: leave it, and give checkpoint.resume another checkpoint, or start afresh"
 
 
 def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_last: int) -> Path:
@@ -321,18 +328,17 @@ def _shown(compat: dict, key: str, side: str) -> str:
 
 
 def load(accelerator: Accelerator, path: Path, compat: dict, optimizer, defaults: dict | None = None,
-         notes: list[str] | None = None) -> TrainerState:
+         notes: list[str] | None = None, fix: str = "") -> TrainerState:
     """Restore model, optimizer, scaler and RNG states from `path`; return our counters.
     `defaults` holds, per compat key whose value is a mapping of settings, their defaults.
     `optimizer` keeps this run's hyperparameters (lr, betas, eps, weight decay, capturable):
     the saved state brings back the saved ones, which the run's config and log would not show;
-    each one that changed is reported in `notes`."""
+    each one that changed is reported in `notes`. `fix`: what a refusal advises (remedy())."""
+    fix = fix or remedy(own=True)
     try:
-        state = _check_state(json.loads(read_own(path / STATE_FILE)), path)
+        state = _check_state(json.loads(read_own(path / STATE_FILE)), path, fix)
     except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({brief(e)}): delete it to fall back to an older one, or start afresh in a new output_dir"
-        ) from e
+        raise CheckpointError(f"checkpoint {path} is unreadable ({brief(e)}): {fix}") from e
     defaults = defaults or {}
     compared = [k for k in compat.keys() | state.compat.keys() if k in state.compat or k not in _RECORDED_SINCE]
     differing = sorted(k for k in compared if _differs(state.compat.get(k), compat.get(k), defaults.get(k)))
@@ -348,10 +354,7 @@ def load(accelerator: Accelerator, path: Path, compat: dict, optimizer, defaults
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # torch/safetensors raise many types for damaged files
-        raise CheckpointError(
-            f"checkpoint {path} could not be loaded ({brief(e)}): delete it to fall back to an "
-            f"older one, or start afresh in a new output_dir"
-        ) from e
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({brief(e)}): {fix}") from e
     for group, settings in zip(optimizer.param_groups, ours):
         changed = sorted(k for k, v in settings.items() if group.get(k) != v)
         if changed and notes is not None and group is optimizer.param_groups[0]:

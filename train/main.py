@@ -102,18 +102,19 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     model, optimizer = accelerator.prepare(model, optimizer)
     state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision,
                                                                 getattr(train_split, "pictures", None)))
+    own = resume_from is not None and checkpoint.is_own(output_dir, resume_from)
     if resume_from is not None:
+        fix = checkpoint.remedy(own)
         state = checkpoint.load(accelerator, resume_from, state.compat, optimizer,
-                                defaults={"model.settings": cfg.model.default_settings()}, notes=notes)
+                                defaults={"model.settings": cfg.model.default_settings()}, notes=notes, fix=fix)
         checkpoint.check_same_state(accelerator, state, resume_from)
         schedule = schedule_of(cfg, plan, len(train_split))
         if cfg.train.exact_reduction:  # micro-steps of another world size: the position is its optimizer steps
             state.micro_step = (state.step - state.epoch * schedule.steps_per_epoch) * schedule.accumulation
-        schedule.check_resume(state, resume_from)
+        schedule.check_resume(state, resume_from, fix)
     status.accepted = True  # only now: a refused resume leaves the folder as it was
     status.step = state.step
     status.record("running", 0)
-    own = resume_from is not None and checkpoint.is_own(output_dir, resume_from)
     if not own or not state.run_id:  # a run started from another run's checkpoint is a run of its own, in wandb too
         state.run_id = secrets.token_hex(4)  # the wandb run id; only the main process uses it
 

@@ -105,10 +105,11 @@ class Schedule:
         start = micro_step - micro_step % self.accumulation
         return micro_step + 1 == start + self.window_len(micro_step)
 
-    def check_resume(self, state, path: Path) -> None:
-        """Refuse a checkpoint (`state`: its TrainerState) whose position this run could not have saved: the optimizer steps
-        it counts must be those of its epoch and micro-step, at a window's end (an edited or
-        buggy trainer_state.json would otherwise loop forever, finish at once or lose metrics)."""
+    def check_resume(self, state, path: Path, fix: str) -> None:
+        """Refuse a checkpoint (`state`: its TrainerState) whose position this run could not have
+        saved: the optimizer steps it counts must be those of its epoch and micro-step, at a
+        window's end (an edited or buggy trainer_state.json would otherwise loop forever, finish
+        at once or lose metrics). `fix`: what the refusal advises (checkpoint.remedy)."""
         m, n = state.micro_step, self.micro_steps_per_epoch
         at_boundary = 0 <= m <= n and (m % self.accumulation == 0 or m == n)
         steps = state.epoch * self.steps_per_epoch + math.ceil(m / self.accumulation)
@@ -116,7 +117,7 @@ class Schedule:
             raise CheckpointError(
                 f"checkpoint {path} holds an impossible position (step {state.step}, epoch {state.epoch}, micro-step "
                 f"{m}; this run has {n} micro-steps per epoch, {self.accumulation} per optimizer step): it was "
-                f"edited or written by a bug; delete it to fall back to an older one, or start afresh in a new output_dir")
+                f"edited or written by a bug: {fix}")
 
 
 def schedule_of(cfg, plan: BatchPlan, num_samples: int) -> Schedule:

@@ -296,7 +296,24 @@ def test_a_checkpoint_with_an_impossible_position_is_refused(synthetic_mnist, tm
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     [line] = error_lines(r.stderr)
     assert "step_00000040" in line and ("impossible position" in line or "unreadable trainer_state.json" in line)
+    assert line.endswith("delete it to fall back to an older one, or start afresh in a new output_dir"), line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+
+
+def test_another_runs_checkpoint_that_cannot_be_resumed_is_refused_without_advice_to_delete_it(synthetic_mnist,
+                                                                                               tmp_path, straight):
+    other = tmp_path / "other"
+    shutil.copytree(straight, other)
+    ckpt = other / "checkpoints" / "step_00000040"
+    _edit_state(ckpt, micro_step=3)
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    r = run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={tmp_path / 'run'}", "train.epochs=3",
+                        f"checkpoint.resume={ckpt}"])
+    [line] = error_lines(r.stderr)
+    assert r.returncode == 2 and "impossible position" in line and "delete" not in line, line
+    assert line.endswith("it is another run's: leave it, and give checkpoint.resume another checkpoint, or start "
+                         "afresh"), line
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
 
 
 def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint_and_its_one_evaluation(synthetic_mnist, tmp_path,
