@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.errors import UserError, brief, counted
+from train.rundir import WEIGHTS
 
 SIDE = 28  # pixels: MNIST digits
-WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 
 

@@ -13,8 +13,8 @@
 - **Writes.** Every file is written whole or not at all (a temporary file renamed over it),
   and never through a symbolic link: a link planted in the folder must not turn a write
   into an overwrite elsewhere. A linked file is replaced; a linked folder (samples/,
-  checkpoints/, wandb/, where the run writes and prunes), or a file in a folder's place, is
-  refused. A file is read only when it is a plain file, never through a link (`read_own`).
+  checkpoints/, wandb/, where the run writes and prunes), a file in a folder's place, or a
+  folder in a file's place, is refused. A file is read only when it is a plain file, never through a link (`read_own`).
 - **Who writes what.** The main process writes every file here, except the checkpoints,
   which every rank writes its part of (train/checkpoint.py), and a `failed` status record,
   which any rank may write: the launcher may kill the main process before it can
@@ -42,6 +42,7 @@ from train.errors import UserError
 LOCK_FILE = "run.lock"
 STATUS_FILE = "status.json"
 FOLDERS = ("checkpoints", "samples", "wandb")  # the subfolders a run writes
+WEIGHTS = "model.safetensors"  # the trained weights, written as the run ends
 STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out of memory or a lost node); "
              "its checkpoints are intact: run the same command to resume from the last one")
 _BUSY = (errno.EAGAIN, errno.EACCES)  # what lockf says when another process holds the lock
@@ -64,6 +65,12 @@ class LinkRefused(UserError):
 def _refused(path: Path) -> LinkRefused:
     return LinkRefused(f"{path} is a symbolic link: the run writes its own files only, never through a "
                        f"link; remove the link (or choose another output_dir), then run the same command")
+
+
+def _misplaced(path: Path) -> UserError:
+    """The refusal of a file where the run writes a folder, or of a folder where it writes a file."""
+    return UserError(f"{path} is {'a folder' if path.is_dir() else 'not a folder'}, and the run writes its "
+                     f"{path.name} there: move it away (or choose another output_dir), then run the same command")
 
 
 def _open_plain(path: Path, flags: int) -> int:
@@ -115,7 +122,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # -- status.json ---------------------------------------------------------------------------
@@ -221,13 +232,14 @@ class RunDir:
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             notes = self._lock()
-            for name in FOLDERS:  # written into and pruned: a link would do that in its target
-                entry = self.path / name
-                if entry.is_symlink():
+            # A folder where the run writes a file, or the reverse, would end it after training:
+            # status.json is recorded, and the weights written, by code that cannot refuse in one line.
+            for name in (*FOLDERS, STATUS_FILE, WEIGHTS):
+                entry, folder = self.path / name, name in FOLDERS
+                if folder and entry.is_symlink():  # written into and pruned: a link would do that in its target
                     raise _refused(entry)
-                if entry.exists() and not entry.is_dir():
-                    raise UserError(f"{entry} is not a folder, and the run writes its {name} files there: move it "
-                                    f"away (or choose another output_dir), then run the same command")
+                if entry.exists() and not entry.is_symlink() and entry.is_dir() != folder:
+                    raise _misplaced(entry)
             previous = read_status(self.path / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
                 write_status(self.path / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
@@ -305,7 +317,10 @@ class RunDir:
             if path.parent.is_symlink():
                 raise _refused(path.parent)
             path.parent.mkdir(exist_ok=True)
-        write_atomic(path, data)
+        try:
+            write_atomic(path, data)
+        except IsADirectoryError:  # planted in the run's folder (samples/ is written mid-run)
+            raise _misplaced(path) from None
         return path
 
     def append(self, name: str, line: str) -> None:

@@ -81,7 +81,9 @@ def test_no_write_goes_through_a_link_planted_in_the_folder(synthetic_mnist, tmp
 def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(synthetic_mnist, tmp_path):
     """Planted where the run reads or writes: a FIFO (reading it would block forever), a link to
     /dev/zero (reading it would never end), a file where a folder goes (a traceback after the
-    epoch). Each ends in one line before any training, or is replaced as a record of ours."""
+    epoch), a folder where a file goes (a traceback, or status.json never recorded). Each ends in
+    one line before any training (a picture's folder, when the picture is written), or is replaced
+    as a record of ours."""
     base = tmp_path / "base"
     args = SHORT + [f"data.root={synthetic_mnist}", "train.epochs=2"]
     assert run_main(args + [f"output_dir={base}", "train.epochs=1"]).returncode == 0
@@ -89,13 +91,17 @@ def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(
              ("metrics.jsonl", "zero", "metrics.jsonl cannot be read as this run's record (a symbolic link)"),
              ("run.lock", "fifo", "run.lock is not a plain file"),
              ("checkpoints/step_00000010/manifest.json", "fifo", "no readable manifest.json (not a plain file)"),
-             ("samples", "file", "samples is not a folder"), ("checkpoints", "file", "checkpoints is not a folder")]
+             ("samples", "file", "samples is not a folder"), ("checkpoints", "file", "checkpoints is not a folder"),
+             *[(name, "folder", f"{name} is a folder, and the run writes its {Path(name).name} there")
+               for name in ("status.json", "model.safetensors", "config.yaml", "samples/step_00000020.png")]]
     for i, (name, kind, refusal) in enumerate(cases):
         out = tmp_path / f"run{i}"
         shutil.copytree(base, out, symlinks=True)
         planted = out / name
-        shutil.rmtree(planted) if planted.is_dir() else planted.unlink()
-        if kind == "fifo":
+        shutil.rmtree(planted) if planted.is_dir() else planted.unlink(missing_ok=True)
+        if kind == "folder":  # the last is a picture the resumed run writes after its epoch of training
+            (planted / "mine").mkdir(parents=True)
+        elif kind == "fifo":
             os.mkfifo(planted)
         elif kind == "zero":
             planted.symlink_to("/dev/zero")
@@ -109,6 +115,7 @@ def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(
         [line] = error_lines(r.stderr)
         assert refusal in line, line
         assert kind != "file" or planted.read_text() == "my notes\n"
+        assert kind != "folder" or [p.name for p in planted.iterdir()] == ["mine"]
         if name != "checkpoints":  # nothing trained, nothing saved
             assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000010"], name
 
