@@ -119,13 +119,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp.unlink(missing_ok=True)  # a leftover, or a planted link: unlink removes the link itself
     fd = os.open(tmp, _NEW, 0o644)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk, a folder at `path`) leaves nothing behind
         raise
 
 
@@ -151,7 +151,6 @@ def write_status(path: Path, outcome: str, exit_code: int, step: int | None = No
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
             raise
-        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
         fd = open_no_link(path, os.O_WRONLY)
         try:
             os.write(fd, data)
