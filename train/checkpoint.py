@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from train.errors import UserError, brief
 from train.faults import fault_point
-from train.rundir import read_own
+from train.rundir import WEIGHTS, read_own, usual_mode
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -189,6 +189,8 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
     fault_point("in_save", state.step, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for weights in tmp.glob("*.safetensors"):
+            usual_mode(weights)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
         manifest = {p.name: _file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -204,6 +206,14 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_weights(accelerator: Accelerator, model, output_dir: Path) -> Path:
+    """OUTPUT_DIR/model.safetensors: the trained weights, written by the main process."""
+    accelerator.save_model(model, str(output_dir))
+    if accelerator.is_main_process:
+        usual_mode(output_dir / WEIGHTS)
+    return output_dir / WEIGHTS
 
 
 _INTACT: set[Path] = set()  # checkpoints this process saved or verified: never hashed again

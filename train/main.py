@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.plan import plan_of, schedule_of
-    from train.rundir import WEIGHTS, RunDir
+    from train.rundir import RunDir
     from train.perf import apply_perf, check_perf, maybe_keep_freed_host_memory
     from train.tracking import build_tracker, log_start
 
@@ -142,8 +142,8 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     finally:
         status.step = state.step
     accelerator.wait_for_everyone()
-    accelerator.save_model(model, str(output_dir))  # model.safetensors, on the main process
-    tracker.info(f"done: {counted(state.step, 'step')}; weights in {output_dir / WEIGHTS}")
+    weights = checkpoint.save_weights(accelerator, model, output_dir)
+    tracker.info(f"done: {counted(state.step, 'step')}; weights in {weights}")
     accelerator.end_training()
     status.record("completed", 0)
     return 0

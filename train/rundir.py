@@ -47,6 +47,10 @@ STALE_RUN = ("the run ended without recording an outcome (killed: SIGKILL, out o
              "its checkpoints are intact: run the same command to resume from the last one")
 _BUSY = (errno.EAGAIN, errno.EACCES)  # what lockf says when another process holds the lock
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+# The umask, read once at import, before any thread starts: setting it is the only way to read
+# it, and it is the whole process's. A new file gets 0o666 less it, as with open().
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class OutputDirInUse(UserError):
@@ -77,7 +81,7 @@ def _open_plain(path: Path, flags: int) -> int:
     """os.open(path, flags) of a plain file only: OSError ELOOP for a symbolic link, EINVAL for
     anything else (a FIFO planted there would block the run, a device would never end)."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, "a symbolic link", str(path)) from None
@@ -117,7 +121,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     file or the new one, and a link at `path` is replaced, never followed."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)  # a leftover, or a planted link: unlink removes the link itself
-    fd = os.open(tmp, _NEW, 0o644)
+    fd = os.open(tmp, _NEW, 0o666)
     try:
         try:
             os.write(fd, data)
@@ -127,6 +131,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)  # a failed write (a full disk, a folder at `path`) leaves nothing behind
         raise
+
+
+def usual_mode(path: Path) -> None:
+    """Give `path` the permissions of a file created here (0o666 less the umask): safetensors 0.8
+    writes its files 0600 whatever the umask (safetensors#782), which keeps the weights from
+    everyone else who shares the folder."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 # -- status.json ---------------------------------------------------------------------------

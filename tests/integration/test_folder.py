@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,16 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     assert "resuming from" in r.stdout
     steps = [(m["step"], "eval/mse" in m) for m in read_metrics(out)]
     assert len(steps) == len(set(steps)) and read_metrics(out)[:1] == logged[:1]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_every_file_of_a_run_has_the_permissions_its_umask_gives(synthetic_mnist, tmp_path, umask):
+    """The weights too, which safetensors 0.8 writes 0600 whatever the umask: a teammate sharing
+    the folder (or a container running as another user) could not read them."""
+    out = tmp_path / "run"
+    umasked = ["sh", "-c", f'umask {umask:o} && exec "$0" "$@"', sys.executable]  # a new process: its own umask
+    r = run_main(SHORT + [f"data.root={synthetic_mnist}", f"output_dir={out}"], launcher=umasked)
+    assert r.returncode == 0, r.stderr[-2000:]
+    modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and "checkpoints/step_00000010/model.safetensors" in modes, modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
