@@ -305,7 +305,11 @@ class RunDir:
         return []
 
     def check(self) -> None:
-        """Raise FolderLost unless run.lock is still the file this process locked."""
+        """Raise FolderLost unless run.lock is still the file this process locked, and
+        LinkRefused if a folder the run writes into has become a link."""
+        for name in FOLDERS:
+            if (self.path / name).is_symlink():  # written into and pruned: a link would do that in its target
+                raise _refused(self.path / name)
         if self.identity is None:
             return  # not the holder, or the filesystem has no locks: nothing to keep
         try:
@@ -323,9 +327,7 @@ class RunDir:
         """OUTPUT_DIR/name (in a subfolder, made if missing), whole, while the folder is still this run's."""
         self.check()
         path = self.path / name
-        if path.parent != self.path:  # a subfolder; never output_dir itself, which must not come back
-            if path.parent.is_symlink():
-                raise _refused(path.parent)
+        if path.parent != self.path:  # a subfolder (one of FOLDERS); never output_dir itself, which must not come back
             path.parent.mkdir(exist_ok=True)
         try:
             write_atomic(path, data)

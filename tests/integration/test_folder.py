@@ -121,7 +121,8 @@ def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(
             assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000010"], name
 
 
-@pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "samples linked", "folder deleted"])
+@pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "samples linked", "checkpoints linked",
+                                  "folder deleted"])
 def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist, tmp_path, what):
     out = tmp_path / "run"
     args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
@@ -138,6 +139,10 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
         theirs = tmp_path / "theirs"
         theirs.mkdir()
         (out / "samples").symlink_to(theirs, target_is_directory=True)
+    elif what == "checkpoints linked":  # the next save would write there, and prune what it finds there
+        (tmp_path / "theirs" / "step_00000001").mkdir(parents=True)
+        os.replace(out / "checkpoints", tmp_path / "moved-checkpoints")
+        (out / "checkpoints").symlink_to(tmp_path / "theirs", target_is_directory=True)
     else:  # rm -rf as the run sees it: gone at once (a delete file by file races the run's writes)
         os.rename(out, tmp_path / "deleted")
         shutil.rmtree(tmp_path / "deleted", ignore_errors=True)
@@ -145,9 +150,10 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     [line] = error_lines(stderr)
     assert target.read_text() == "do not touch\n"
-    if what in ("metrics linked", "samples linked"):
-        linked = out / ("metrics.jsonl" if what == "metrics linked" else "samples")
-        assert f"{linked} is a symbolic link" in line and not any(tmp_path.glob("theirs/*"))
+    if what.endswith("linked"):
+        linked = out / {"metrics linked": "metrics.jsonl", "samples linked": "samples"}.get(what, "checkpoints")
+        assert f"{linked} is a symbolic link" in line, line
+        assert [p.name for p in tmp_path.glob("theirs/*")] == (["step_00000001"] if what == "checkpoints linked" else [])
         return
     assert "was deleted or replaced while this run held it" in line, line
     if what == "folder deleted":  # nothing recreated in its name, no record claiming a cause
