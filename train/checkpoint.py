@@ -236,13 +236,13 @@ def _prunable(output_dir: Path, keep_last: int) -> list[Path]:
     return [p for p in _step_dirs(output_dir) if int(p.name[5:]) < oldest_kept]
 
 
-def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, object]:
+def compat_of(cfg, plan, mixed_precision: str, train_split) -> dict[str, object]:
     """What a checkpoint must share with this run to resume it: the weights' shapes, the
     global micro-batch (which fixes the data order) and the accumulation (which groups it
     into optimizer steps), the seed, the data and its training noise, the precision, and
     where the learning rate depends on the step, its schedule. (`cfg`: the run's Config;
-    `plan`: its BatchPlan; `pictures`: the training pictures of data.dataset=images, whose
-    fingerprint counts.)"""
+    `plan`: its BatchPlan; `train_split`: its training data, whose fingerprint counts.)"""
+    pictures = getattr(train_split, "pictures", None)  # data.dataset=images
     tc = cfg.train
     # The forward passes of a step: exact reduction fixes each one's images on any world size.
     batches = ({"train.exact_reduction": True, "train.per_device_batch_size": plan.per_device_batch_size,
@@ -254,13 +254,13 @@ def compat_of(cfg, plan, mixed_precision: str, pictures=None) -> dict[str, objec
         **batches,
         "train.seed": tc.seed,
         "data.train_samples": cfg.data.train_samples,
+        "data.fingerprint": pictures.fingerprint if pictures is not None else train_split.fingerprint,
         "training_noise": cfg.noise.train_spec().describe(),  # what the model learns to remove
         "mixed_precision": mixed_precision,
     }
     if pictures is not None:  # which patches an epoch's samples are, and what the model takes
         dc = cfg.data
-        compat.update({"data.dataset": "images", "data.fingerprint": pictures.fingerprint,
-                       "data.channels": pictures.channels, "data.patch_size": dc.patch_size,
+        compat.update({"data.dataset": "images", "data.channels": pictures.channels, "data.patch_size": dc.patch_size,
                        "data.patches_per_image": dc.patches_per_image})
     if tc.lr_schedule != "constant" or tc.warmup_steps:  # the learning rate of each step depends on these
         compat.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_steps": tc.warmup_steps,
@@ -308,7 +308,8 @@ def _restoring_overrides(keys: list[str], saved: dict, num_processes: int) -> li
         elif key == "mixed_precision":
             fixes.append(f"train.mixed_precision={value}")
         elif key == "data.fingerprint":
-            fixes.append("the training pictures it was trained on back in data.train_dir")
+            fixes.append("the training pictures it was trained on back in data.train_dir" if "data.dataset" in saved
+                         else "data.root at the MNIST copy it was trained on")
         elif key == "training_noise":
             fixes.append(f"noise.* as it trained: {value}")
         elif "." in key and isinstance(value, (int, float, str)):
@@ -325,7 +326,7 @@ _SCHEDULE_KEYS = (*_NO_SCHEDULE, "train.epochs", "train.max_steps")
 
 # Compat keys that checkpoints written before them do not hold: compared only where recorded,
 # so such a checkpoint still resumes.
-_RECORDED_SINCE = ("training_noise",)
+_RECORDED_SINCE = ("training_noise", "data.fingerprint")
 
 
 def _shown(compat: dict, key: str, side: str) -> str:

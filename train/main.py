@@ -100,8 +100,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     notes += apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
     optimizer = build_optimizer(model, plan.peak_lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision,
-                                                                getattr(train_split, "pictures", None)))
+    state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision, train_split))
     own = resume_from is not None and checkpoint.is_own(output_dir, resume_from)
     if resume_from is not None:
         fix = checkpoint.remedy(own)

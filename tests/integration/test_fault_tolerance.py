@@ -222,6 +222,34 @@ def test_a_resume_with_other_training_noise_is_refused_and_other_evaluation_nois
     assert "resuming from" in r.stdout and read_metrics(out)[-1]["step"] == 60
 
 
+def test_a_resume_on_other_training_data_is_refused_and_on_a_copy_of_it_is_not(synthetic_mnist, tmp_path, straight):
+    # Another MNIST-format copy (Fashion-MNIST, a damaged or edited one) is other data, wherever it lies.
+    other, same = tmp_path / "other", tmp_path / "same"
+    shutil.copytree(synthetic_mnist, other)
+    shutil.copytree(synthetic_mnist, same)
+    images = other / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    data = bytearray(images.read_bytes())
+    data[16 + 100] ^= 0xFF  # one pixel of the first training image (after the 16-byte header)
+    images.write_bytes(bytes(data))
+    out, old = tmp_path / "run", tmp_path / "old"
+    shutil.copytree(straight, out)
+    shutil.copytree(straight, old)
+    base = RUN + [f"output_dir={out}", "train.epochs=3"]
+    r = run_main(base + [f"data.root={other}"])
+    [line] = error_lines(r.stderr)
+    assert r.returncode == 2 and "data.fingerprint: saved" in line, line
+    assert "resume with its settings (data.root at the MNIST copy it was trained on)" in line
+    assert _status(out)["outcome"] == "completed"
+    r = _ok(run_main(base + [f"data.root={same}"]))  # the same bytes elsewhere: the same data
+    assert "resuming from" in r.stdout and read_metrics(out)[-1]["step"] == 60
+    # A checkpoint written before the key existed resumes as before.
+    newest = old / "checkpoints" / "step_00000040"
+    compat = json.loads((newest / "trainer_state.json").read_text())["compat"]
+    _edit_state(newest, compat={k: v for k, v in compat.items() if k != "data.fingerprint"})
+    r = _ok(run_main(RUN + [f"output_dir={old}", "train.epochs=3", f"data.root={other}"]))
+    assert "resuming from" in r.stdout and read_metrics(old)[-1]["step"] == 60
+
+
 def test_a_changed_learning_rate_is_the_one_a_resumed_run_trains_at(synthetic_mnist, tmp_path, straight):
     # A constant schedule: the learning rate is not part of what a checkpoint means, so it may
     # change; the optimizer's saved state must not bring the old one back.
