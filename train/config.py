@@ -390,6 +390,20 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict[str, Any]:
+        """Every setting under its dotted key, e.g. {'train.lr': 0.001, ...}."""
+        return _flat(self.to_dict())
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
 
 def _coerce(value: Any, expected: type, key: str) -> Any:
     """Check one YAML value against a field's type; ints are accepted where floats are."""

@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, broadcast_object_list
+from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from train.config import MIXED_PRECISIONS
 from train.errors import UserError
@@ -137,6 +137,30 @@ def decided_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     if outcome[1] is not None:
         raise outcome[1]
     return outcome[0]
+
+
+# Settings that may differ between nodes: where each finds its own copy of the data (its bytes
+# must not differ: their fingerprint is compared).
+PER_NODE = ("data.root", "data.train_dir", "data.test_dir")
+
+
+def check_same_settings(accelerator: Accelerator, settings: dict[str, object]) -> None:
+    """Refuse, on every rank, ranks that were given different settings (`settings`: flat keys):
+    a node launched with other overrides or another version of the config file. DDP keeps the
+    ranks' weights together only where every rank steps alike: with another learning rate,
+    seed or data the job would train on, saving rank 0's weights alone, without a word."""
+    if accelerator.num_processes == 1:
+        return
+    mine = {k: v for k, v in settings.items() if k not in PER_NODE}
+    every = gather_object([mine])  # one small mapping per rank, on every rank
+    keys = sorted(set().union(*every))
+    differing = [(k, r) for k in keys for r, theirs in enumerate(every) if theirs.get(k) != every[0].get(k)]
+    if differing:
+        shown = "; ".join(f"{k}: rank 0 {every[0].get(k)!r}, rank {r} {every[r].get(k)!r}" for k, r in differing[:3])
+        fix = "give every node the same copy of the data" if {k for k, _ in differing} == {"data.fingerprint"} else \
+            "launch every node with the same config file and overrides"
+        raise LaunchError(f"the ranks were given different settings ({shown}{' ...' if len(differing) > 3 else ''}): "
+                          f"{fix}")
 
 
 def describe(accelerator: Accelerator) -> dict[str, object]:

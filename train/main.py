@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
 
     from train import checkpoint
     from train.data import build_splits
-    from train.distributed import build_accelerator, decided_on_main, describe
+    from train.distributed import build_accelerator, check_same_settings, decided_on_main, describe
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.plan import plan_of, schedule_of
@@ -101,6 +101,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     optimizer = build_optimizer(model, plan.peak_lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision, train_split))
+    check_same_settings(accelerator, {**cfg.flat(), **state.compat})  # the data's fingerprint too
     own = resume_from is not None and checkpoint.is_own(output_dir, resume_from)
     if resume_from is not None:
         fix = checkpoint.remedy(own)
