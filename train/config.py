@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import reprlib
 import typing
@@ -51,6 +52,12 @@ def allowed(meta: typing.Mapping[str, Any]) -> str:
     if "low" in meta and "high" in meta:
         return f"in [{meta['low']:g}, {meta['high']:g}]"
     return f">= {meta['low']:g}" if "low" in meta else f"> {meta['above']:g}" if "above" in meta else ""
+
+
+def _home(path: str) -> str:
+    """`path` with a leading ~ expanded, as a shell would: in `output_dir=~/runs` (not a word of
+    its own) the shell leaves it, and the run would make a folder named ~ in the working dir."""
+    return os.path.expanduser(path)
 
 
 class Section:
@@ -107,6 +114,7 @@ class DataConfig(Section):
     8-bit pictures, float32 for 16-bit); more is refused"""
 
     def check(self) -> None:
+        self.root, self.train_dir, self.test_dir = map(_home, (self.root, self.train_dir, self.test_dir))
         if self.dataset == "images":
             for key in ("train_dir", "test_dir"):
                 _check(getattr(self, key) != "", f"data.{key}", "must name a folder of pictures with data.dataset=images")
@@ -354,6 +362,7 @@ class CheckpointConfig(Section):
 
     def check(self) -> None:
         _check(self.resume != "", "checkpoint.resume", "must be auto, none or a checkpoint folder")
+        self.resume = self.resume if self.resume in ("auto", "none") else _home(self.resume)
 
 
 @dataclass
@@ -384,6 +393,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.output_dir != "", "output_dir", "must not be empty")
+        self.output_dir = _home(self.output_dir)
         _check(self.data.dataset == "mnist" or self.model.name == "unet", "model.name",
                f"must be unet with data.dataset=images (the fully convolutional model), got {show(self.model.name)}")
 
@@ -600,7 +610,8 @@ def reference() -> str:
         "Values come from these defaults (`configs/default.yaml` holds the same), then the `--config` YAML, then",
         "`section.key=value` overrides after the script: YAML scalars, with YAML 1.2 booleans (`true`/`false`",
         "only). `--config` takes a pipe too, e.g. `--config <(envsubst < template.yaml)`. Unknown keys, wrong",
-        "types and bad values stop the run before any work, naming the key and the nearest valid ones.", "",
+        "types and bad values stop the run before any work, naming the key and the nearest valid ones. A",
+        "leading `~` in a path is your home folder (the shell leaves it alone in `output_dir=~/runs/a`).", "",
         "| key | default | allowed | meaning |", "|---|---|---|---|", *rows, ""])
 
 

@@ -318,9 +318,12 @@ class _ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _ArgumentParser(prog="python -m train.denoise", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a run's output_dir or a checkpoints/step_* folder")
+    # type=expanduser: the shell leaves ~ alone in --out=~/x (for the config's paths see config._home)
+    parser.add_argument("--checkpoint", required=True, type=os.path.expanduser,
+                        help="a run's output_dir or a checkpoints/step_* folder")
     parser.add_argument("inputs", nargs="+", help="image files, .npy files, or folders of them")
-    parser.add_argument("--out", default="denoised", help="folder for the results (default: denoised)")
+    parser.add_argument("--out", default="denoised", type=os.path.expanduser,
+                        help="folder for the results (default: denoised)")
     parser.add_argument("--noise-factor", type=float, help="corrupt the inputs at this level first (a demo)")
     parser.add_argument("--noise-kind", choices=("gaussian", "salt_pepper"),
                         help="noise for --noise-factor (default: the one the model was trained on)")

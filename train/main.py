@@ -43,7 +43,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (defaults: configs/default.yaml's values)")
+    parser.add_argument("--config", type=os.path.expanduser,  # the shell leaves ~ alone in --config=~/x
+                        help="YAML config (defaults: configs/default.yaml's values)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors too")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may come before and after --config

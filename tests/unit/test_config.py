@@ -261,3 +261,21 @@ def test_an_error_never_prints_a_whole_value(tmp_path):
     with pytest.raises(ConfigError, match="config key 'noise.kind' must be one of") as e:
         load_config(overrides=["noise.kind=" + "g" * 100_000])
     assert len(str(e.value)) < 200
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder(monkeypatch, tmp_path):
+    # The shell leaves ~ alone in `output_dir=~/runs/a`: the run would make a folder named ~ here.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(overrides=["output_dir=~/runs/a", "data.root=~/data", "checkpoint.resume=~/ckpt/step_00000010"])
+    assert (cfg.output_dir, cfg.data.root) == (f"{tmp_path}/runs/a", f"{tmp_path}/data")
+    assert cfg.checkpoint.resume == f"{tmp_path}/ckpt/step_00000010"
+    cfg = load_config(overrides=["data.dataset=images", "model.name=unet", "data.train_dir=~/photos/train",
+                                 "data.test_dir=~/photos/test"])
+    assert (cfg.data.train_dir, cfg.data.test_dir) == (f"{tmp_path}/photos/train", f"{tmp_path}/photos/test")
+    assert load_config(overrides=["checkpoint.resume=none"]).checkpoint.resume == "none"
+    assert load_config().output_dir == "outputs/default"  # a path without ~ is left as it is
+    from train import denoise, main
+
+    assert main.parse_args(["--config=~/my.yaml"]).config == f"{tmp_path}/my.yaml"
+    args = denoise.parse_args(["--checkpoint=~/runs/a", "--out=~/clean", "digit.png"])
+    assert (args.checkpoint, args.out) == (f"{tmp_path}/runs/a", f"{tmp_path}/clean")
