@@ -137,7 +137,10 @@ def usual_mode(path: Path) -> None:
     """Give `path` the permissions of a file created here (0o666 less the umask): safetensors 0.8
     writes its files 0600 whatever the umask (safetensors#782), which keeps the weights from
     everyone else who shares the folder."""
-    os.chmod(path, 0o666 & ~_UMASK)
+    try:
+        os.chmod(path, 0o666 & ~_UMASK)
+    except OSError:  # a filesystem with permissions of its own (SMB, some FUSE mounts): the file is whole
+        pass
 
 
 # -- status.json ---------------------------------------------------------------------------

@@ -111,3 +111,22 @@ def test_saving_hashes_no_checkpoint_again(tmp_path, monkeypatch):
     hashed.clear()
     assert checkpoint.find_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "step_00000005"
     assert set(hashed) == {"step_00000005"}
+
+
+def test_weights_whose_filesystem_refuses_chmod_are_kept_as_written(tmp_path, monkeypatch):
+    # SMB and some FUSE mounts keep permissions of their own: the run must not fail at its end.
+    import os
+
+    from train import rundir
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    weights.chmod(0o600)
+
+    def refused(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", refused)
+    rundir.usual_mode(weights)
+    monkeypatch.undo()
+    assert weights.read_bytes() == b"weights" and weights.stat().st_mode & 0o777 == 0o600
