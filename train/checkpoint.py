@@ -272,7 +272,8 @@ def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]
     """The checkpoint to resume from (for the main process to choose: see
     distributed.decided_on_main), and notes: the unfinished saves it first cleared away (the
     main process holds the run lock by now) and the damaged checkpoints skipped. Refuses
-    checkpoint.resume=none where it would overwrite another run's checkpoints."""
+    checkpoint.resume=none where it would overwrite another run's checkpoints, and a new run
+    where a finished one's outputs are (model.safetensors) and no checkpoint of its own to go on from."""
     try:
         notes = remove_unfinished(output_dir)
     except OSError as e:
@@ -284,6 +285,11 @@ def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]
             f"output_dir {output_dir} already holds checkpoints (of an earlier run, or of this one before it "
             f"stopped) and checkpoint.resume=none would overwrite them: set checkpoint.resume=auto to continue "
             f"from them, or choose a new output_dir"
+        )
+    if (path is None or not is_own(output_dir, path)) and os.path.lexists(output_dir / WEIGHTS):
+        raise CheckpointError(  # its checkpoints deleted to save space, say: the outputs are still the run's
+            f"output_dir {output_dir} holds a finished run ({WEIGHTS}, its metrics and samples) and no checkpoint of "
+            f"its own to continue from: a new run would overwrite them; choose a new output_dir, nothing was changed"
         )
     return path, notes
 

@@ -180,3 +180,20 @@ def test_every_file_of_a_run_has_the_permissions_its_umask_gives(synthetic_mnist
     modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
     assert "model.safetensors" in modes and "checkpoints/step_00000010/model.safetensors" in modes, modes
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_over(synthetic_mnist, tmp_path):
+    """Checkpoints are often deleted to save space once a run is done; its weights, metrics and
+    samples are still its outputs, which a new run in the folder would replace."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    args = SHORT + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
+    assert run_main(args).returncode == 0
+    assert run_main(SHORT + [f"data.root={synthetic_mnist}", f"output_dir={other}"]).returncode == 0
+    shutil.rmtree(out / "checkpoints")
+    before = {p: b for p, b in _files(out).items() if p.name != "run.lock"}
+    for resume in ("auto", "none", str(other / "checkpoints" / "step_00000010")):
+        r = run_main(args + ["train.seed=5", f"checkpoint.resume={resume}"])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        [line] = error_lines(r.stderr)
+        assert f"output_dir {out} holds a finished run (model.safetensors" in line, line
+        assert {p: b for p, b in _files(out).items() if p.name != "run.lock"} == before
