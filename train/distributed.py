@@ -139,16 +139,18 @@ def decided_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     return outcome[0]
 
 
-# Settings that may differ between nodes: where each finds its own copy of the data (its bytes
-# must not differ: their fingerprint is compared).
+# Settings that may differ between nodes: where each finds its own copy of the data (whose
+# bytes must not: their fingerprints are compared).
 PER_NODE = ("data.root", "data.train_dir", "data.test_dir")
+FINGERPRINTS = ("data.fingerprint", "data.test_fingerprint")
 
 
 def check_same_settings(accelerator: Accelerator, settings: dict[str, object]) -> None:
-    """Refuse, on every rank, ranks that were given different settings (`settings`: flat keys):
-    a node launched with other overrides or another version of the config file. DDP keeps the
-    ranks' weights together only where every rank steps alike: with another learning rate,
-    seed or data the job would train on, saving rank 0's weights alone, without a word."""
+    """Refuse, on every rank, ranks that were given different settings (`settings`: flat keys,
+    FINGERPRINTS among them): a node launched with other overrides, another version of the
+    config file, or another copy of the data. DDP keeps the ranks' weights together only where
+    every rank steps alike: with another learning rate, seed or data the job would train on,
+    saving rank 0's weights alone, without a word."""
     if accelerator.num_processes == 1:
         return
     mine = {k: v for k, v in settings.items() if k not in PER_NODE}
@@ -157,7 +159,7 @@ def check_same_settings(accelerator: Accelerator, settings: dict[str, object]) -
     differing = [(k, r) for k in keys for r, theirs in enumerate(every) if theirs.get(k) != every[0].get(k)]
     if differing:
         shown = "; ".join(f"{k}: rank 0 {every[0].get(k)!r}, rank {r} {every[r].get(k)!r}" for k, r in differing[:3])
-        fix = "give every node the same copy of the data" if {k for k, _ in differing} == {"data.fingerprint"} else \
+        fix = "give every node the same copy of the data" if {k for k, _ in differing} <= set(FINGERPRINTS) else \
             "launch every node with the same config file and overrides"
         raise LaunchError(f"the ranks were given different settings ({shown}{' ...' if len(differing) > 3 else ''}): "
                           f"{fix}")

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     optimizer = build_optimizer(model, plan.peak_lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision, train_split))
-    check_same_settings(accelerator, {**cfg.flat(), **state.compat})  # the data's fingerprint too
+    check_same_settings(accelerator, {**cfg.flat(), **state.compat, "data.test_fingerprint": test_split.fingerprint})
     own = resume_from is not None and checkpoint.is_own(output_dir, resume_from)
     if resume_from is not None:
         fix = checkpoint.remedy(own)

@@ -205,22 +205,27 @@ def test_ranks_given_different_settings_or_data_are_refused_before_training(synt
     """DDP keeps the ranks' weights together only where they step alike: a node launched with
     another learning rate, or reading another copy of the data, would train on silently while
     rank 0's weights alone are saved. Each rank's own data.root is fine where the bytes agree."""
-    other, same = tmp_path / "other", tmp_path / "same"
-    shutil.copytree(synthetic_mnist, other)
-    shutil.copytree(synthetic_mnist, same)
-    images = other / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    data = bytearray(images.read_bytes())
-    data[16 + 100] ^= 0xFF  # one pixel of the first training image
-    images.write_bytes(bytes(data))
+    def copy(name: str, edited: str = "") -> Path:
+        root = tmp_path / name
+        shutil.copytree(synthetic_mnist, root)
+        if edited:  # one pixel of the first image, after the 16-byte header
+            images = root / "MNIST" / "raw" / f"{edited}-images-idx3-ubyte"
+            data = bytearray(images.read_bytes())
+            data[16 + 100] ^= 0xFF
+            images.write_bytes(bytes(data))
+        return root
+
     out = tmp_path / "run"
     args = SMALL + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.global_batch_size=20"]
     probe = REPO / "tests" / "probes" / "per_rank_probe.py"
     for rank1, words in [("train.lr=0.01 train.seed=3", "(train.lr: rank 0 0.001, rank 1 0.01; train.seed: rank 0 0, "
                                                          "rank 1 3): launch every node with the same config file"),
-                         (f"data.root={other}", "(data.fingerprint: rank 0 '")]:
+                         (f"data.root={copy('train', 'train')}", "(data.fingerprint: rank 0 '"),
+                         (f"data.root={copy('test', 't10k')}", "(data.test_fingerprint: rank 0 '")]:
         r = run_main(args, launcher=accelerate_cpu(2), env={"PROBE_RANK1_OVERRIDES": rank1}, script=probe)
         [line] = error_lines(r.stderr)
         assert r.returncode != 0 and "error: the ranks were given different settings " + words in line, line
         assert not out.exists()  # refused before the folder was kept
         assert line.endswith("give every node the same copy of the data") == rank1.startswith("data.root")
-    _ok(run_main(args, launcher=accelerate_cpu(2), env={"PROBE_RANK1_OVERRIDES": f"data.root={same}"}, script=probe))
+    _ok(run_main(args, launcher=accelerate_cpu(2), env={"PROBE_RANK1_OVERRIDES": f"data.root={copy('same')}"},
+                 script=probe))
