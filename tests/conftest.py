@@ -108,6 +108,20 @@ def make_tiny_mnist(root: Path, n_train: int = 96, n_test: int = 30, seed: int =
     return root
 
 
+def mnist_copy(source: Path, root: Path, edited: str = "") -> Path:
+    """A copy of the data set at `source` under `root`; with `edited` ("train" or "t10k"), one
+    pixel of that split's first image changed: other data in the same layout."""
+    import shutil
+
+    shutil.copytree(source, root)
+    if edited:
+        images = root / "MNIST" / "raw" / f"{edited}-images-idx3-ubyte"
+        data = bytearray(images.read_bytes())
+        data[16 + 100] ^= 0xFF  # after the 16-byte header
+        images.write_bytes(bytes(data))
+    return root
+
+
 def picture(height: int, width: int, channels: int, rng: np.random.Generator) -> np.ndarray:
     """A made-up photograph, H x W x C float64 in [0, 1]: discs of flat colour over a smooth wave."""
     y, x = np.mgrid[0:height, 0:width] / max(height, width)

@@ -6,13 +6,12 @@ The multi-process tests launch real CPU processes over gloo with `accelerate lau
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, accelerate_cpu, error_lines, load_weights, read_metrics, run_main
+from conftest import REPO, accelerate_cpu, error_lines, load_weights, mnist_copy, read_metrics, run_main
 
 PROBE = REPO / "tests" / "probes" / "ddp_probe.py"
 SMALL = ["--config", "configs/debug.yaml", "data.train_samples=400", "data.test_samples=100", "train.epochs=2",
@@ -206,14 +205,7 @@ def test_ranks_given_different_settings_or_data_are_refused_before_training(synt
     another learning rate, or reading another copy of the data, would train on silently while
     rank 0's weights alone are saved. Each rank's own data.root is fine where the bytes agree."""
     def copy(name: str, edited: str = "") -> Path:
-        root = tmp_path / name
-        shutil.copytree(synthetic_mnist, root)
-        if edited:  # one pixel of the first image, after the 16-byte header
-            images = root / "MNIST" / "raw" / f"{edited}-images-idx3-ubyte"
-            data = bytearray(images.read_bytes())
-            data[16 + 100] ^= 0xFF
-            images.write_bytes(bytes(data))
-        return root
+        return mnist_copy(synthetic_mnist, tmp_path / name, edited)
 
     out = tmp_path / "run"
     args = SMALL + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.global_batch_size=20"]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FORWARD, MAIN, REPO, accelerate_cpu, error_lines, interruptible, load_weights, read_metrics,
-                      run_main, start_main, wait_for_metrics)
+from conftest import (FORWARD, MAIN, REPO, accelerate_cpu, error_lines, interruptible, load_weights, mnist_copy,
+                      read_metrics, run_main, start_main, wait_for_metrics)
 
 # 400 images / batch 20 = 20 steps per epoch, 2 epochs; checkpoints every 8 steps and at
 # epoch ends (8, 16, 20, 24, 32, 40).
@@ -224,13 +224,7 @@ def test_a_resume_with_other_training_noise_is_refused_and_other_evaluation_nois
 
 def test_a_resume_on_other_training_data_is_refused_and_on_a_copy_of_it_is_not(synthetic_mnist, tmp_path, straight):
     # Another MNIST-format copy (Fashion-MNIST, a damaged or edited one) is other data, wherever it lies.
-    other, same = tmp_path / "other", tmp_path / "same"
-    shutil.copytree(synthetic_mnist, other)
-    shutil.copytree(synthetic_mnist, same)
-    images = other / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    data = bytearray(images.read_bytes())
-    data[16 + 100] ^= 0xFF  # one pixel of the first training image (after the 16-byte header)
-    images.write_bytes(bytes(data))
+    other, same = mnist_copy(synthetic_mnist, tmp_path / "other", "train"), mnist_copy(synthetic_mnist, tmp_path / "same")
     out, old = tmp_path / "run", tmp_path / "old"
     shutil.copytree(straight, out)
     shutil.copytree(straight, old)
