@@ -96,13 +96,14 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
                      f"{plan.processes} processes{f' x {plan.accumulation} accumulation steps' if plan.accumulation > 1 else ''}: "
                      f"another number of processes changes it (and the run's result); "
                      f"train.global_batch_size={plan.global_batch} keeps it")
+    compat = checkpoint.compat_of(cfg, plan, accelerator.mixed_precision, train_split)
+    check_same_settings(accelerator, {**cfg.flat(), **compat, "data.test_fingerprint": test_split.fingerprint})
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     model = build_model(cfg.model.name, **cfg.model.settings(), **cfg.data.model_settings())
     notes += apply_perf(model, cfg.perf, accelerator.device.type, accelerator.mixed_precision)
     optimizer = build_optimizer(model, plan.peak_lr, capturable=cfg.perf.cuda_graphs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = checkpoint.TrainerState(compat=checkpoint.compat_of(cfg, plan, accelerator.mixed_precision, train_split))
-    check_same_settings(accelerator, {**cfg.flat(), **state.compat, "data.test_fingerprint": test_split.fingerprint})
+    state = checkpoint.TrainerState(compat=compat)
     own = resume_from is not None and checkpoint.is_own(output_dir, resume_from)
     if resume_from is not None:
         fix = checkpoint.remedy(own)

@@ -212,6 +212,7 @@ def test_ranks_given_different_settings_or_data_are_refused_before_training(synt
     probe = REPO / "tests" / "probes" / "per_rank_probe.py"
     for rank1, words in [("train.lr=0.01 train.seed=3", "(train.lr: rank 0 0.001, rank 1 0.01; train.seed: rank 0 0, "
                                                          "rank 1 3): launch every node with the same config file"),
+                         ("model.name=unet", "(model.name: rank 0 'conv_denoiser', rank 1 'unet'"),  # before DDP compares shapes
                          (f"data.root={copy('train', 'train')}", "(data.fingerprint: rank 0 '"),
                          (f"data.root={copy('test', 't10k')}", "(data.test_fingerprint: rank 0 '")]:
         r = run_main(args, launcher=accelerate_cpu(2), env={"PROBE_RANK1_OVERRIDES": rank1}, script=probe)
