@@ -296,6 +296,7 @@ class RunDir:
                             f"nothing stops a second run from using {self.path} at the same time"]
                 if time.monotonic() >= deadline:
                     os.close(fd)
+                    self.made = None  # a live run's folder, though both made it at once: nothing here is ours to undo
                     raise OutputDirInUse(f"output_dir {self.path} is in use by another run ({describe_holder(path)}): "
                                          f"wait for it to end or stop it, or choose another output_dir") from None
                 time.sleep(0.05)

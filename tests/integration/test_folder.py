@@ -197,3 +197,37 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_over(synth
         [line] = error_lines(r.stderr)
         assert f"output_dir {out} holds a finished run (model.safetensors" in line, line
         assert {p: b for p, b in _files(out).items() if p.name != "run.lock"} == before
+
+
+def test_two_runs_starting_at_once_in_a_new_folder_the_refused_one_leaves_the_others_lock(tmp_path, monkeypatch):
+    """Both see the folder missing and make it; one takes the lock. The other, refused, must not
+    undo the folder as if it were its own: deleting run.lock would stop the run that holds it."""
+    import subprocess
+    import sys
+
+    from train.rundir import OutputDirInUse, RunDir
+
+    path = tmp_path / "new" / "run"
+    holder = []
+    real_mkdir = Path.mkdir
+
+    def mkdir_while_another_claims(self, *args, **kwargs):  # between this run's look and its mkdir
+        monkeypatch.setattr(Path, "mkdir", real_mkdir)
+        holder.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; from train.rundir import RunDir; RunDir(sys.argv[1]).claim(); "
+             "print('held', flush=True); time.sleep(60)", str(path)], cwd=Path(__file__).parents[2],
+            stdout=subprocess.PIPE, text=True))
+        assert holder[0].stdout.readline() == "held\n"
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_while_another_claims)
+    loser = RunDir(path)
+    try:
+        with pytest.raises(OutputDirInUse):
+            loser.claim()
+        lock = (path / "run.lock").stat()
+        loser.abandon()  # what main.py does for a run refused at start-up
+        assert (path / "run.lock").stat().st_ino == lock.st_ino, "the holder's lock file was deleted"
+    finally:
+        for proc in holder:
+            proc.kill()
