@@ -235,6 +235,21 @@ def ended(e: BaseException, status: RunStatus, debug: bool) -> int:
     return 2
 
 
+START_ERROR_WAIT_S = 10.0  # seconds a rank that failed at start-up gives the main process to print why
+
+
+def wait_for_the_main_process(wait_s: float = START_ERROR_WAIT_S) -> None:
+    """After a start-up error that every rank meets and only the main process prints (a bad
+    config): wait for the main process before exiting. A launcher ends the other ranks as soon
+    as one exits (torchrun, srun), and a main process still starting (a slower node, a slow
+    filesystem), before main.py holds its stop signals, would die of that without a word. The
+    launcher's stop signal, once the main process is done, ends the wait at once."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    time.sleep(wait_s)
+
+
 def ignore_stop_signals() -> None:
     """Once the outcome is recorded, later copies of a stop request are moot. Python's
     shutdown would reset our handlers to the default, and a late copy would then kill a

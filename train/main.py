@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(parse_args(argv), status, stop)
     except BaseException as e:
-        return lifecycle.ended(e, status, debug)
+        code = lifecycle.ended(e, status, debug)
+        if code == 2 and not status.is_main and not stop.installed:  # a start-up error that only the main one prints
+            lifecycle.wait_for_the_main_process()
+        return code
     finally:  # the outcome is recorded: a stop signal now (a launcher ending the other ranks) is moot
         if stop.installed:
             lifecycle.ignore_stop_signals()

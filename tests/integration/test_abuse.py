@@ -347,6 +347,18 @@ def test_a_stop_signal_during_start_up_ends_the_run_at_once(tmp_path, stalled_pr
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
+def test_a_config_error_is_printed_when_the_main_process_starts_later_than_the_others(tmp_path):
+    """A config error is the same on every rank and only the main process prints it. When rank
+    0 starts seconds late (another node, a slow filesystem), the others fail first and the
+    launcher's SIGTERM would find rank 0 before main.py holds its stop signals."""
+    probe = REPO / "tests" / "probes" / "slow_start_probe.py"
+    r = run_main(["train.lr=-1", f"output_dir={tmp_path / 'run'}"], launcher=accelerate_cpu(2), script=probe,
+                 env={"SLOW_START_S": "3"})
+    assert r.returncode != 0 and error_lines(r.stderr) == ["error: config key 'train.lr' must be > 0, got -1.0"], \
+        r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("config", ["train:\n  lr: -1\n", "train:\n  lr: 0.001\n"], ids=["bad", "good"])
 def test_a_stop_signal_while_the_config_loads_waits_for_the_config(tmp_path, config):
     """A launcher SIGTERMs the other ranks as soon as one exits. A config error is the same on
