@@ -54,12 +54,6 @@ def allowed(meta: typing.Mapping[str, Any]) -> str:
     return f">= {meta['low']:g}" if "low" in meta else f"> {meta['above']:g}" if "above" in meta else ""
 
 
-def _home(path: str) -> str:
-    """`path` with a leading ~ expanded, as a shell would: in `output_dir=~/runs` (not a word of
-    its own) the shell leaves it, and the run would make a folder named ~ in the working dir."""
-    return os.path.expanduser(path)
-
-
 class Section:
     """A config section. `KEY` is where it sits (e.g. 'train'); building one checks each field
     against its declared bounds first, then the section's own rules (its `check`)."""
@@ -114,7 +108,8 @@ class DataConfig(Section):
     8-bit pictures, float32 for 16-bit); more is refused"""
 
     def check(self) -> None:
-        self.root, self.train_dir, self.test_dir = map(_home, (self.root, self.train_dir, self.test_dir))
+        # A leading ~ is the home folder: the shell leaves it alone in data.root=~/data (not a word of its own).
+        self.root, self.train_dir, self.test_dir = map(os.path.expanduser, (self.root, self.train_dir, self.test_dir))
         if self.dataset == "images":
             for key in ("train_dir", "test_dir"):
                 _check(getattr(self, key) != "", f"data.{key}", "must name a folder of pictures with data.dataset=images")
@@ -362,7 +357,7 @@ class CheckpointConfig(Section):
 
     def check(self) -> None:
         _check(self.resume != "", "checkpoint.resume", "must be auto, none or a checkpoint folder")
-        self.resume = self.resume if self.resume in ("auto", "none") else _home(self.resume)
+        self.resume = self.resume if self.resume in ("auto", "none") else os.path.expanduser(self.resume)
 
 
 @dataclass
@@ -393,7 +388,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.output_dir != "", "output_dir", "must not be empty")
-        self.output_dir = _home(self.output_dir)
+        self.output_dir = os.path.expanduser(self.output_dir)  # ~ as in DataConfig.check
         _check(self.data.dataset == "mnist" or self.model.name == "unet", "model.name",
                f"must be unet with data.dataset=images (the fully convolutional model), got {show(self.model.name)}")
 

@@ -318,7 +318,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _ArgumentParser(prog="python -m train.denoise", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    # type=expanduser: the shell leaves ~ alone in --out=~/x (for the config's paths see config._home)
+    # type=expanduser: the shell leaves ~ alone in --out=~/x (as the config's paths are)
     parser.add_argument("--checkpoint", required=True, type=os.path.expanduser,
                         help="a run's output_dir or a checkpoints/step_* folder")
     parser.add_argument("inputs", nargs="+", help="image files, .npy files, or folders of them")

@@ -245,13 +245,12 @@ class RunDir:
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             notes = self._lock()
+            self.check()  # a linked samples/, checkpoints/ or wandb/
             # A folder where the run writes a file, or the reverse, would end it after training:
             # status.json is recorded, and the weights written, by code that cannot refuse in one line.
             for name in (*FOLDERS, STATUS_FILE, WEIGHTS):
-                entry, folder = self.path / name, name in FOLDERS
-                if folder and entry.is_symlink():  # written into and pruned: a link would do that in its target
-                    raise _refused(entry)
-                if entry.exists() and not entry.is_symlink() and entry.is_dir() != folder:
+                entry = self.path / name
+                if entry.exists() and not entry.is_symlink() and entry.is_dir() != (name in FOLDERS):
                     raise _misplaced(entry)
             previous = read_status(self.path / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
