@@ -306,6 +306,18 @@ class _WarmJob:
         self.send_signal(signal.SIGKILL)
 
 
+def can_mount() -> bool:
+    """Whether this process may mount a private tmpfs (root, with unshare -m)."""
+    import shutil
+
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+needs_mount = pytest.mark.skipif(os.environ.get("CI") != "true" and not can_mount(),
+                                 reason="needs root for a private tmpfs (unshare -m); CI has it")
+
+
 def error_lines(stderr: str) -> list[str]:
     """The `error:` lines a run printed (one per failure, whatever the number of ranks)."""
     return [line for line in stderr.splitlines() if line.startswith("error:")]

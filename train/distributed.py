@@ -22,6 +22,7 @@ from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, broadcast_o
 from train.config import MIXED_PRECISIONS
 from train.errors import UserError
 from train.lifecycle import launcher_args
+from train.rundir import RunDir, node_name
 
 T = TypeVar("T")
 
@@ -137,6 +138,24 @@ def decided_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     if outcome[1] is not None:
         raise outcome[1]
     return outcome[0]
+
+
+def check_shared_folder(accelerator: Accelerator, rundir: RunDir) -> None:
+    """Refuse, on every rank, ranks that do not see output_dir as the main process claimed it
+    (a path on each node's own disk): every rank writes its part of each checkpoint there, and
+    a checkpoint without theirs could never be resumed."""
+    if accelerator.num_processes == 1:
+        return
+    [holder] = broadcast_object_list([rundir.holder])  # what the main process wrote into run.lock
+    if holder is None:  # a filesystem without locks: no run.lock was written
+        return
+    sees = accelerator.is_main_process or rundir.sees(holder)
+    blind = [f"rank {r} on {node}" for r, (node, ok) in enumerate(gather_object([(node_name(), sees)])) if not ok]
+    if blind:
+        raise LaunchError(f"output_dir {rundir.path} is not one folder that every node shares: "
+                          f"{', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''} cannot see the run.lock the main "
+                          f"process wrote there; put output_dir on a filesystem every node shares (each rank writes "
+                          f"its part of every checkpoint there)")
 
 
 # Settings that may differ between nodes: where each finds its own copy of the data (whose

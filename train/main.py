@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
 
     from train import checkpoint
     from train.data import build_splits
-    from train.distributed import build_accelerator, check_same_settings, decided_on_main, describe
+    from train.distributed import build_accelerator, check_same_settings, check_shared_folder, decided_on_main, describe
     from train.loop import Trainer, build_optimizer
     from train.model import build_model
     from train.plan import plan_of, schedule_of
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     # The main process alone claims the folder and picks the checkpoint (another node may see other
     # files); every rank gets its answer, or its refusal.
     notes += decided_on_main(accelerator, rundir.claim)
+    check_shared_folder(accelerator, rundir)
     resume_from, skipped = decided_on_main(
         accelerator, lambda: checkpoint.choose_resume(output_dir, cfg.checkpoint.resume))
     notes += skipped

@@ -231,6 +231,7 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.identity: tuple[int, int] | None = None  # (device, inode) of the run.lock this process locked
+        self.holder: bytes | None = None  # what this process wrote into the run.lock it locked
         self.made: Path | None = None  # the outermost folder the claim created, removed by `abandon`
 
     def claim(self) -> list[str]:
@@ -301,11 +302,28 @@ class RunDir:
                 time.sleep(0.05)
         # fd is never closed: the lock lives as long as this process (closing it would drop it).
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.holder = (json.dumps(holder) + "\n").encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, self.holder, 0)
+        os.fsync(fd)  # on the server, for the other nodes to read (distributed.check_shared_folder)
         st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
         return []
+
+    def sees(self, holder: bytes, wait_s: float = 10.0) -> bool:
+        """Whether run.lock here holds `holder`, what the main process wrote into it, allowing
+        `wait_s` for a network filesystem's caches to catch up. Never from the holder: closing
+        the read's descriptor would drop its lock."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if read_own(self.path / LOCK_FILE) == holder:
+                    return True
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
     def check(self) -> None:
         """Raise FolderLost unless run.lock is still the file this process locked, and

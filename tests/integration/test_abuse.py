@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (FORWARD, MAIN, REPO, accelerate_cpu, error_lines, load_weights, read_metrics, run_main,
-                      start_main, wait_for_metrics)
+from conftest import (FORWARD, MAIN, REPO, accelerate_cpu, can_mount, error_lines, load_weights, needs_mount,
+                      read_metrics, run_main, start_main, wait_for_metrics)
 from train.checkpoint import verify
 
 PREEMPTED_EXIT = 75
@@ -231,15 +231,6 @@ def test_a_dead_rank_0_ends_the_job_in_bounded_time_and_its_status_is_failed(syn
 
 
 # -- 7. a full disk --------------------------------------------------------------------------
-def _can_mount() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
-
-
-needs_mount = pytest.mark.skipif(not _can_mount() and os.environ.get("CI") != "true",
-                                 reason="needs root for a private tmpfs (unshare -m); CI has it")
-
-
 @pytest.fixture(scope="module")
 def unwritable_runs(synthetic_mnist, tmp_path_factory):
     """The arguments of the full-disk runs, and the weights they end with uninterrupted."""
@@ -400,7 +391,7 @@ def test_data_problems_say_what_really_failed(synthetic_mnist, tmp_path, tiny_mn
                   "data.train_samples=500", "train.epochs=1"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"data.train_samples=500 is more than the 96 train images in {tiny_mnist}: using all 96" in r.stdout
-    if not _can_mount() and os.environ.get("CI") != "true":  # in CI it must run
+    if not can_mount() and os.environ.get("CI") != "true":  # in CI it must run
         pytest.skip("a read-only data.root needs a private read-only mount (root)")
     ro = tmp_path / "ro"
     ro.mkdir()

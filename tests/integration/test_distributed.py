@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, accelerate_cpu, error_lines, load_weights, mnist_copy, read_metrics, run_main
+from conftest import (REPO, accelerate_cpu, error_lines, load_weights, mnist_copy, needs_mount, read_metrics,
+                      run_main)
+from train.rundir import node_name
 
 PROBE = REPO / "tests" / "probes" / "ddp_probe.py"
 SMALL = ["--config", "configs/debug.yaml", "data.train_samples=400", "data.test_samples=100", "train.epochs=2",
@@ -222,3 +224,24 @@ def test_ranks_given_different_settings_or_data_are_refused_before_training(synt
         assert line.endswith("give every node the same copy of the data") == rank1.startswith("data.root")
     _ok(run_main(args, launcher=accelerate_cpu(2), env={"PROBE_RANK1_OVERRIDES": f"data.root={copy('same')}"},
                  script=probe))
+
+
+@pytest.mark.slow
+@needs_mount
+def test_an_output_dir_that_a_rank_does_not_share_is_refused_before_training(synthetic_mnist, tmp_path):
+    """Every rank writes its part of each checkpoint into output_dir: with output_dir on each
+    node's own disk the run trained to the end, but its checkpoints lacked the other nodes'
+    parts, and the first resume, after a preemption, failed for good."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    args = SMALL + [f"data.root={synthetic_mnist}", f"output_dir={runs / 'a'}", "train.global_batch_size=20"]
+    probe = REPO / "tests" / "probes" / "own_disk_probe.py"
+    r = run_main(args, launcher=accelerate_cpu(2), env={"PROBE_HIDE": str(runs)}, script=probe)
+    [line] = error_lines(r.stderr)
+    assert r.returncode != 0 and line == (
+        f"error: output_dir {runs / 'a'} is not one folder that every node shares: rank 1 on {node_name()} "
+        f"cannot see the run.lock the main process wrote there; put output_dir on a filesystem every node shares "
+        f"(each rank writes its part of every checkpoint there)"), r.stderr[-3000:]
+    assert list(runs.iterdir()) == []  # refused before training: the folder it made is gone
+    (tmp_path / "other").mkdir()  # the same launch, with rank 1's private tmpfs away from output_dir: it trains
+    _ok(run_main(args, launcher=accelerate_cpu(2), env={"PROBE_HIDE": str(tmp_path / "other")}, script=probe))

@@ -231,3 +231,28 @@ def test_two_runs_starting_at_once_in_a_new_folder_the_refused_one_leaves_the_ot
     finally:
         for proc in holder:
             proc.kill()
+
+
+def test_a_rank_sees_the_main_processes_lock_once_a_lagging_filesystem_shows_it(tmp_path):
+    """distributed.check_shared_folder refuses a rank that does not see run.lock as the main
+    process wrote it; a network filesystem's cache may show it late, or show the last run's."""
+    import threading
+
+    from train.rundir import LOCK_FILE, RunDir
+
+    main = RunDir(tmp_path / "run")
+    main.claim()
+    other = RunDir(tmp_path / "run")  # another rank: it reads, never locks
+    lock = tmp_path / "run" / LOCK_FILE
+    written = lock.read_bytes()
+    assert written == main.holder and other.sees(main.holder, wait_s=0)
+    assert not other.sees(b"another run's holder\n", wait_s=0.5)
+    stale = tmp_path / "stale"
+    stale.write_bytes(b'{"host": "x", "pid": 1, "started": "the last run"}\n')
+    os.replace(stale, lock)  # what a lagging cache shows for a while (then main's own again)
+    later = threading.Timer(0.6, lambda: lock.write_bytes(written))
+    later.start()
+    try:
+        assert other.sees(main.holder, wait_s=5)
+    finally:
+        later.join()
