@@ -46,11 +46,11 @@ def option(default: Any, *, low: float | None = None, high: float | None = None,
 
 
 def allowed(meta: typing.Mapping[str, Any]) -> str:
-    """A field's bounds in words, e.g. '>= 1', 'in [0, 255]', 'one of: no, bf16, fp16'."""
+    """A field's bounds in words, e.g. '>= 1', 'in [0, 255]', 'in (0, 86400]', 'one of: no, bf16, fp16'."""
     if "choices" in meta:
         return "one of: " + ", ".join(map(str, meta["choices"]))
-    if "low" in meta and "high" in meta:
-        return f"in [{meta['low']:g}, {meta['high']:g}]"
+    if "high" in meta:
+        return f"in [{meta['low']:g}, {meta['high']:g}]" if "low" in meta else f"in ({meta['above']:g}, {meta['high']:g}]"
     return f">= {meta['low']:g}" if "low" in meta else f"> {meta['above']:g}" if "above" in meta else ""
 
 
@@ -89,7 +89,7 @@ class DataConfig(Section):
     """use only the first N training images (for quick runs and tests); 0 = all 60,000"""
     test_samples: int = option(0, low=0)
     """evaluate on only the first N test images; 0 = all 10,000 (the reported metrics)"""
-    download_timeout_s: float = option(60.0, above=0)
+    download_timeout_s: float = option(60.0, above=0, high=86400)
     """seconds a download waits for an answer from a mirror before giving up on it (torchvision tries 2)"""
     train_dir: str = ""
     """images: folder of training pictures (PNG, JPEG or TIFF; 8- or 16-bit; searched recursively)"""
@@ -269,7 +269,7 @@ class TrainConfig(Section):
     """no | bf16 | fp16 (fp16 needs CUDA); 'no' defers to accelerate launch --mixed_precision"""
     max_grad_norm: float = option(0.0, low=0)
     """clip the global L2 norm of the gradients to this; 0 disables"""
-    collective_timeout_s: int = option(600, low=10)
+    collective_timeout_s: int = option(600, low=10, high=10**9)
     """seconds a rank waits for the others in a collective before failing (a dead rank must not hang the job)"""
     exact_reduction: bool = False
     """sum gradients as fixed-point integers (train/exact.py), so the weights are bit-identical on
@@ -427,6 +427,8 @@ def _coerce(value: Any, expected: type, key: str) -> Any:
             return number
     # bool is a subclass of int in Python: `epochs: true` must not pass as 1.
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        if expected is int and not -2**63 <= value < 2**63:  # past torch's int64 a seed or a size overflows there
+            raise ConfigError(f"config key '{key}' must fit in 64 bits (below 2^63), got {show(value)}")
         return value
     shown = "null" if value is None else f"{show(value)} ({type(value).__name__})"
     raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {shown}")

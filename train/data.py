@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from train.errors import DataError, UserError, brief
+from train.errors import DataError, UserError, brief, counted
 
 
 @dataclass
@@ -176,8 +176,8 @@ class EpochOrder:
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"the training set ({num_samples} images) is smaller than one global micro-batch "
-                f"({per_device_batch_size} per device x {num_replicas} processes): lower "
-                f"train.per_device_batch_size or use more data"
+                f"({per_device_batch_size} per device x {counted(num_replicas, 'process')}): lower "
+                f"train.global_batch_size or train.per_device_batch_size, or use more data"
             )
         self.num_samples, self.num_replicas, self.rank, self.seed = num_samples, num_replicas, rank, seed
 

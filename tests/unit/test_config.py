@@ -61,6 +61,9 @@ BAD = [
     (None, ["noise.factor=nan"], ["noise.factor", "finite"]),
     (None, ["train.epochs=2.5"], ["train.epochs", "must be int"]),
     (None, ["train.epochs=true"], ["train.epochs", "must be int"]),
+    (None, ["train.seed=9223372036854775808"], ["train.seed", "must fit in 64 bits"]),  # torch's seeds overflowed
+    (None, ["eval.per_device_batch_size=100000000000000000000000"], ["eval.per_device_batch_size", "64 bits"]),
+    (None, ["data.download_timeout_s=1e300"], ["data.download_timeout_s", "in (0, 86400]"]),
     (None, ["data.download=maybe"], ["data.download", "must be bool"]),
     (None, ["train.lr=-0.1"], ["train.lr", "> 0"]),
     (None, ["train.per_device_batch_size=0"], ["train.per_device_batch_size", ">= 1"]),
