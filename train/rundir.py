@@ -305,7 +305,10 @@ class RunDir:
         self.holder = (json.dumps(holder) + "\n").encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, self.holder, 0)
-        os.fsync(fd)  # on the server, for the other nodes to read (distributed.check_shared_folder)
+        try:
+            os.fsync(fd)  # on the server, for the other nodes to read (distributed.check_shared_folder)
+        except OSError:  # a filesystem without fsync (some FUSE mounts): the others wait for the write instead
+            pass
         st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
         return []

@@ -256,3 +256,16 @@ def test_a_rank_sees_the_main_processes_lock_once_a_lagging_filesystem_shows_it(
         assert other.sees(main.holder, wait_s=5)
     finally:
         later.join()
+
+
+def test_a_filesystem_without_fsync_still_takes_the_lock(tmp_path, monkeypatch):
+    import errno
+
+    from train.rundir import RunDir
+
+    def refused(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refused)
+    rundir = RunDir(tmp_path / "run")
+    assert rundir.claim() == [] and rundir.identity is not None and rundir.holder is not None
