@@ -313,10 +313,11 @@ class RunDir:
         self.identity = (st.st_dev, st.st_ino)
         return []
 
-    def sees(self, holder: bytes, wait_s: float = 10.0) -> bool:
+    def sees(self, holder: bytes, wait_s: float = 5.0) -> bool:
         """Whether run.lock here holds `holder`, what the main process wrote into it, allowing
-        `wait_s` for a network filesystem's caches to catch up. Never from the holder: closing
-        the read's descriptor would drop its lock."""
+        `wait_s` for a network filesystem's caches to catch up (less than the shortest
+        train.collective_timeout_s, for which the main process waits on the answer). Never from
+        the holder: closing the read's descriptor would drop its lock."""
         deadline = time.monotonic() + wait_s
         while True:
             try:

@@ -234,7 +234,9 @@ def test_an_output_dir_that_a_rank_does_not_share_is_refused_before_training(syn
     parts, and the first resume, after a preemption, failed for good."""
     runs = tmp_path / "runs"
     runs.mkdir()
-    args = SMALL + [f"data.root={synthetic_mnist}", f"output_dir={runs / 'a'}", "train.global_batch_size=20"]
+    # The shortest collective timeout: the main process waits that long for the others' answer.
+    args = SMALL + [f"data.root={synthetic_mnist}", f"output_dir={runs / 'a'}", "train.global_batch_size=20",
+                    "train.collective_timeout_s=10"]
     probe = REPO / "tests" / "probes" / "own_disk_probe.py"
     r = run_main(args, launcher=accelerate_cpu(2), env={"PROBE_HIDE": str(runs)}, script=probe)
     [line] = error_lines(r.stderr)
