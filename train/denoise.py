@@ -28,7 +28,9 @@ bounded. --noise-sigma S corrupts them first (0-255 scale).
 `--noise-factor F` corrupts the inputs first with the checkpoint's noise kind (or
 `--noise-kind`) at level F and also writes the noisy versions (`*_noisy.*`): a way to see
 the model work on clean digits. No input file is ever overwritten: an --out that would do so
-is refused. Exit status 0 done, 2 a mistake to fix (one line on stderr).
+is refused, as is one that already holds a file of this run's results, unless --overwrite
+(each result is written whole, and a link in --out is replaced, never written through).
+Exit status 0 done, 2 a mistake to fix (one line on stderr).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.errors import UserError, brief, counted
-from train.rundir import WEIGHTS
+from train.rundir import WEIGHTS, write_atomic
 
 SIDE = 28  # pixels: MNIST digits
 CONFIG = "config.yaml"
@@ -174,11 +176,10 @@ def _read_picture(path: Path) -> Item:
     return Item(path, _as_float(array), "picture", mode=_mode_of(array, alpha), alpha=alpha)
 
 
-def _write_picture(item: Item, pixels: torch.Tensor, target: Path | io.BytesIO, fmt: str | None = None) -> None:
-    """`pixels` (1, C, H, W) in [0, 1] as a file of `item`'s mode; `fmt` from the path's suffix unless given."""
+def _write_picture(item: Item, pixels: torch.Tensor, target: io.BytesIO, fmt: str) -> None:
+    """`pixels` (1, C, H, W) in [0, 1] as a picture of `item`'s mode in Pillow's format `fmt`."""
     from PIL import Image
 
-    fmt = fmt or Image.registered_extensions()[Path(target).suffix.lower()]
     if item.mode == "I;16":
         Image.fromarray((pixels[0, 0] * 65535.0).round().numpy().astype(np.uint16)).save(target, fmt)  # mode I;16
         return
@@ -257,22 +258,24 @@ def _suffix(item: Item) -> str:
 
 
 def _write(item: Item, images: torch.Tensor, path: Path) -> None:
-    if item.kind == "picture":
-        _write_picture(item, images, path)
-        return
-    if item.kind == "npy":
-        np.save(path, images.reshape(item.npy_shape).numpy())
-        return
+    """`images` as `path`'s file, whole: a temporary file renamed over it (rundir.write_atomic)."""
     from PIL import Image
 
-    x = 1.0 - images[0, 0] if item.inverted else images[0, 0]
-    Image.fromarray((x * 255.0).round().to(torch.uint8).numpy(), mode="L").save(path)
+    data = io.BytesIO()
+    if item.kind == "picture":
+        _write_picture(item, images, data, Image.registered_extensions()[path.suffix.lower()])
+    elif item.kind == "npy":
+        np.save(data, images.reshape(item.npy_shape).numpy())
+    else:
+        x = 1.0 - images[0, 0] if item.inverted else images[0, 0]
+        Image.fromarray((x * 255.0).round().to(torch.uint8).numpy(), mode="L").save(data, "PNG")
+    write_atomic(path, data.getvalue())
 
 
-def _out_paths(items: list[Item], out_dir: Path, noisy: bool) -> list[tuple[Path, Path]]:
+def _out_paths(items: list[Item], out_dir: Path, noisy: bool, overwrite: bool) -> list[tuple[Path, Path]]:
     """Each item's (denoised, noisy) output file: the input's name with its last suffix
     replaced, `_noisy` before it. Refuses two outputs on one file (e.g. b.png's noisy copy and
-    b_noisy.png's result) and an output on an input."""
+    b_noisy.png's result), an output on an input, and, unless `overwrite`, on any file there."""
     pairs = [(out_dir / f"{item.source.stem}{_suffix(item)}", out_dir / f"{item.source.stem}_noisy{_suffix(item)}")
              for item in items]
     seen: dict[Path, Path] = {}  # every file the run writes, and the input it is for
@@ -286,6 +289,11 @@ def _out_paths(items: list[Item], out_dir: Path, noisy: bool) -> list[tuple[Path
             if out.resolve() in inputs:
                 raise DenoiseError(f"writing {out} would overwrite the input file of that name: "
                                    f"choose an --out folder that holds no inputs (e.g. --out denoised)")
+    there = [out for out in seen if os.path.lexists(out)]
+    if there and not overwrite:
+        more = f" (and {len(there) - 1} more of the files this run writes)" if len(there) > 1 else ""
+        raise DenoiseError(f"{there[0]} already exists{more}: choose a new --out folder, or pass --overwrite to "
+                           f"replace the results there; nothing was written")
     return pairs
 
 
@@ -324,6 +332,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", help="image files, .npy files, or folders of them")
     parser.add_argument("--out", default="denoised", type=os.path.expanduser,
                         help="folder for the results (default: denoised)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace result files already in --out (default: refuse them)")
     parser.add_argument("--noise-factor", type=float, help="corrupt the inputs at this level first (a demo)")
     parser.add_argument("--noise-kind", choices=("gaussian", "salt_pepper"),
                         help="noise for --noise-factor (default: the one the model was trained on)")
@@ -360,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     pictures = cfg.data.dataset == "images"  # each picture at its own size, mode and bit depth
     items = read_inputs(args.inputs, pictures)
     out_dir = Path(args.out)
-    paths = _out_paths(items, out_dir, noisy=args.noise_factor is not None)
+    paths = _out_paths(items, out_dir, noisy=args.noise_factor is not None, overwrite=args.overwrite)
     spec = None
     if args.noise_factor is not None:
         kind = args.noise_kind or cfg.noise.kind

@@ -175,6 +175,33 @@ def test_noisy_copies_never_collide_with_another_inputs_output(run_dir, digits, 
     assert capsys.readouterr().out.startswith("denoised 1 image from 1 file with")
 
 
+def test_results_already_in_out_are_refused_unless_overwrite_which_replaces_links(run_dir, digits, tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    Image.fromarray(digits[0]).save(inputs / "a.png")
+    np.save(inputs / "b.npy", digits[:3])
+    args = ["--checkpoint", str(run_dir), "--out", str(out), str(inputs)]
+    assert main(args) == 0
+    first = {name: (out / name).read_bytes() for name in ("a.png", "b.npy")}
+    capsys.readouterr()
+    # Someone's files where the results go: a file of their own, and a link to one elsewhere.
+    (out / "a.png").write_bytes(b"the user's own file")
+    elsewhere = tmp_path / "elsewhere.npy"
+    elsewhere.write_bytes(b"not ours")
+    (out / "b.npy").unlink()
+    (out / "b.npy").symlink_to(elsewhere)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: {out / 'a.png'} already exists (and 1 more of the files this run writes): "
+                           f"choose a new --out folder, or pass --overwrite to replace the results there; "
+                           f"nothing was written")
+    assert (out / "a.png").read_bytes() == b"the user's own file" and elsewhere.read_bytes() == b"not ours"
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "b.npy").is_symlink() and elsewhere.read_bytes() == b"not ours"  # replaced, not followed
+    assert {name: (out / name).read_bytes() for name in first} == first
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.npy"]  # no temporary file left
+
+
 def test_names_with_dots_keep_every_output(run_dir, digits, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
