@@ -92,7 +92,8 @@ class DataConfig(Section):
     download_timeout_s: float = option(60.0, above=0, high=86400)
     """seconds a download waits for an answer from a mirror before giving up on it (torchvision tries 2)"""
     train_dir: str = ""
-    """images: folder of training pictures (PNG, JPEG or TIFF; 8- or 16-bit; searched recursively)"""
+    """images: folder of training pictures (PNG, JPEG or TIFF; 8- or 16-bit; searched recursively,
+    linked subfolders too)"""
     test_dir: str = ""
     """images: folder of test pictures, each scored whole"""
     channels: int = option(0, choices=(0, 1, 3))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,21 @@ _PATCH_SALT = _signed32(0x85EBCA6B)  # separates the patch-position stream from 
 
 
 def find_pictures(folder: str | Path, key: str) -> list[Path]:
-    """The pictures under `folder` (recursively, sorted), or one DataError naming `key`."""
+    """The pictures under `folder` (recursively, through linked subfolders, each folder once; sorted),
+    or one DataError naming `key`."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{key}={folder} is not a folder: point it at a folder of PNG, JPEG or TIFF pictures")
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    found, seen = [], set()
+    for top, folders, files in os.walk(root, followlinks=True):  # a linked subfolder's pictures count too
+        folders.sort()  # the same walk everywhere: which of two ways to one folder counts is fixed
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link (a loop, or a second way): once only
+            folders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found += [Path(top, f) for f in files if Path(f).suffix.lower() in EXTENSIONS and Path(top, f).is_file()]
+    found.sort()
     if not found:
         raise DataError(f"{key}={folder} holds no pictures ({', '.join(EXTENSIONS)}, searched recursively): "
                         f"put some there or point {key} elsewhere")

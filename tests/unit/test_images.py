@@ -43,6 +43,18 @@ def test_a_folder_is_read_recursively_in_every_format_and_depth(tmp_path):
     assert torch.equal(colour.picture(i)[0, 0], colour.picture(i)[0, 2])  # gray repeated
 
 
+def test_linked_subfolders_are_searched_once_and_a_loop_ends(tmp_path):
+    from train.images import find_pictures
+
+    write_pictures(tmp_path / "a", [(40, 40)])
+    write_pictures(tmp_path / "elsewhere", [(40, 40)], seed=1)
+    (tmp_path / "a" / "linked").symlink_to(tmp_path / "elsewhere")  # pictures kept on another disk, say
+    (tmp_path / "a" / "again").symlink_to(tmp_path / "elsewhere")  # the same folder a second way: counted once
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "a")  # back up the tree
+    found = [p.relative_to(tmp_path / "a").as_posix() for p in find_pictures(tmp_path / "a", "data.train_dir")]
+    assert found == ["again/p0.png", "p0.png"]
+
+
 def test_the_fingerprint_follows_the_pictures_bytes_and_names(tmp_path):
     paths = write_pictures(tmp_path / "a", [(40, 40), (40, 40)])
     first = _load(tmp_path / "a").fingerprint
