@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from train.errors import UserError, brief
 from train.faults import fault_point
-from train.rundir import WEIGHTS, read_own, usual_mode
+from train.rundir import WEIGHTS, chunks_of, read_own, usual_mode
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -101,8 +101,12 @@ def remove_unfinished(output_dir: Path) -> list[str]:
 
 
 def _file_digest(path: Path) -> dict:
-    data = read_own(path)  # a plain file only, never through a link
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """Size and SHA-256 of a plain file (never through a link), read in pieces: memory stays bounded."""
+    sha, size = hashlib.sha256(), 0
+    for piece in chunks_of(path):
+        sha.update(piece)
+        size += len(piece)
+    return {"bytes": size, "sha256": sha.hexdigest()}
 
 
 def verify(path: Path) -> str | None:

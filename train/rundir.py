@@ -36,6 +36,7 @@ import socket
 import stat
 import time
 from pathlib import Path
+from typing import Iterator
 
 from train.errors import UserError
 
@@ -106,14 +107,29 @@ def open_no_link(path: Path, flags: int) -> int:
         raise
 
 
-def read_own(path: Path) -> bytes:
-    """The whole of the run's file at `path`; OSError for a link or anything but a plain file."""
+def chunks_of(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    """The run's file at `path` in pieces of `size` bytes; OSError for a link or anything but a plain file."""
     fd = _open_plain(path, os.O_RDONLY)
     try:
-        with open(fd, "rb", closefd=False) as f:
-            return f.read()
+        while piece := os.read(fd, size):
+            yield piece
     finally:
         os.close(fd)
+
+
+RECORD_BYTES = 1 << 20  # status.json, run.lock and a checkpoint's JSON files are a few KiB at most
+
+
+def read_own(path: Path, limit: int | None = RECORD_BYTES) -> bytes:
+    """The whole of the run's file at `path`; OSError for a link, anything but a plain file, or a
+    file past `limit` bytes (None: any size), so a planted file of gigabytes is never held whole."""
+    pieces, size = [], 0
+    for piece in chunks_of(path):
+        pieces.append(piece)
+        size += len(piece)
+        if limit is not None and size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+    return b"".join(pieces)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -108,7 +108,7 @@ class Tracker(NullTracker):
             return
         step, count = resume
         try:
-            lines = read_own(self.metrics_path).decode(errors="replace").splitlines()
+            lines = read_own(self.metrics_path, limit=None).decode(errors="replace").splitlines()
         except OSError as e:  # a link or a FIFO planted in its place: the record is not ours to read
             raise UserError(f"{self.metrics_path} cannot be read as this run's record ({e.strerror}): move it "
                             f"away, then run the same command") from None

@@ -62,3 +62,25 @@ def test_each_rank_records_everything_in_its_own_file_and_only_rank_0_in_the_sha
     assert json.loads((tmp_path / "job" / "rank-1.json").read_text())["outcome"] == "completed"
     assert read_status(tmp_path / "job" / "rank-0.json")["node"] == "node7"
     assert read_status(tmp_path / "run" / "status.json")["outcome"] == "preempted"
+
+
+def test_a_planted_file_of_gigabytes_is_never_held_whole(tmp_path):
+    """status.json, run.lock and a checkpoint's JSON are read whole, and a checkpoint's files
+    hashed: a huge file planted in their place must not take the process's memory."""
+    import tracemalloc
+
+    from train.checkpoint import _file_digest, verify
+
+    big, manifest = tmp_path / "status.json", tmp_path / "manifest.json"
+    for path in (big, manifest):
+        with open(path, "wb") as f:
+            f.truncate(256 * 2**20)  # 256 MiB of zeros, sparse: no disk used
+    tracemalloc.start()
+    try:
+        assert read_status(big) is None  # not a record
+        assert _file_digest(big)["bytes"] == 256 * 2**20
+        assert verify(tmp_path) == "no readable manifest.json (larger than 1,048,576 bytes)"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB held"
