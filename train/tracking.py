@@ -84,6 +84,7 @@ class Tracker(NullTracker):
         self.metrics_path = output_dir / METRICS_FILE
         self._bar = None
         self._trim_metrics(resume)
+        self._trim_samples(-1 if resume is None else resume[0])
         self._wandb = None
         if wandb_mode != "disabled":
             import wandb  # deferred: slow to import, and only the main process needs it
@@ -123,6 +124,14 @@ class Tracker(NullTracker):
         if torn:
             self.info(f"{self.metrics_path}: dropped {len(torn)} damaged line(s) ({sum(map(len, torn))} bytes, "
                       f"written as the run was killed or the disk filled); the rest is kept")
+
+    def _trim_samples(self, step: int) -> None:
+        """Delete the sample PNGs of steps after `step`, the checkpoint's (-1: a new run): they show
+        a model that this run does not continue, and the steps it trains make their own."""
+        folder = self.rundir.path / SAMPLES_KEY.rsplit("/", 1)[-1]
+        for path in sorted(folder.glob("step_*.png")) if folder.is_dir() else []:
+            if path.stem[5:].isdigit() and int(path.stem[5:]) > step:
+                path.unlink()
 
     def info(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"

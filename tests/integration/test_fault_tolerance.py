@@ -132,6 +132,16 @@ def test_a_torn_metrics_tail_is_repaired_on_resume(synthetic_mnist, tmp_path, st
     _assert_same_as(out, straight)
 
 
+def test_a_new_run_in_a_killed_runs_folder_keeps_none_of_its_samples(synthetic_mnist, tmp_path, killed):
+    out = killed("in_save:20", tmp_path / "run")  # evaluated at step 20, killed while saving it
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000020.png"]
+    shutil.rmtree(out / "checkpoints")  # to start afresh, with other settings: 10 steps in all
+    _ok(run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.train_samples=200",
+                        "train.epochs=1"]))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000010.png"]
+    assert [m["step"] for m in read_metrics(out) if "eval/mse" in m] == [10]
+
+
 def test_every_checkpoint_damaged_is_refused_and_nothing_is_deleted(synthetic_mnist, tmp_path, killed):
     out = killed("after_step:30", tmp_path / "run")
     args = RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
