@@ -130,8 +130,8 @@ class Tracker(NullTracker):
         a model that this run does not continue, and the steps it trains make their own."""
         folder = self.rundir.path / SAMPLES_KEY.rsplit("/", 1)[-1]
         for path in sorted(folder.glob("step_*.png")) if folder.is_dir() else []:
-            if path.stem[5:].isdigit() and int(path.stem[5:]) > step:
-                path.unlink()
+            if path.stem[5:].isdigit() and int(path.stem[5:]) > step and (path.is_symlink() or path.is_file()):
+                path.unlink()  # a folder of that name is left for RunDir.write to refuse, in one line
 
     def info(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"

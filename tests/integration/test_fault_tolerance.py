@@ -136,9 +136,10 @@ def test_a_new_run_in_a_killed_runs_folder_keeps_none_of_its_samples(synthetic_m
     out = killed("in_save:20", tmp_path / "run")  # evaluated at step 20, killed while saving it
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000020.png"]
     shutil.rmtree(out / "checkpoints")  # to start afresh, with other settings: 10 steps in all
+    (out / "samples" / "step_00000030.png").mkdir()  # not a PNG of ours: left alone, not a traceback
     _ok(run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", "data.train_samples=200",
                         "train.epochs=1"]))
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000010.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000010.png", "step_00000030.png"]
     assert [m["step"] for m in read_metrics(out) if "eval/mse" in m] == [10]
 
 
