@@ -207,8 +207,11 @@ def settle(output_dir: Path) -> dict | None:
     path = Path(output_dir) / STATUS_FILE
     status = read_status(path)
     if status is not None and status["outcome"] == "running" and is_held(output_dir) is False:
-        write_status(path, "failed", 1, status.get("step"), STALE_RUN)
-        status = read_status(path)
+        status = {**status, "outcome": "failed", "exit_code": 1, "message": STALE_RUN}
+        try:
+            write_status(path, "failed", 1, status.get("step"), STALE_RUN)
+        except OSError:  # a folder this reader cannot write: reported all the same (the next run records it)
+            pass
     return status
 
 
@@ -225,14 +228,15 @@ def describe_holder(path: Path) -> str:
 def is_held(output_dir: Path) -> bool | None:
     """Whether a live process holds output_dir's lock (None: no lock file, or no locks here).
 
-    Probing takes the lock for an instant; never call it from the process that holds it
-    (closing the probe's descriptor would drop that process's own lock)."""
+    Probing takes a shared lock for an instant, which needs only read access (a read-only
+    mount, another user's run); never call it from the process that holds the lock (closing
+    the probe's descriptor would drop that process's own lock)."""
     try:
-        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDWR)
+        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDONLY)
     except OSError:
         return None
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
     except OSError as e:
         return True if e.errno in _BUSY else None

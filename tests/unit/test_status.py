@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import slurm_script
+from conftest import needs_mount, slurm_script
 from train.lifecycle import RunStatus
 from train.rundir import RunDir, read_status, write_status
 
@@ -84,3 +84,33 @@ def test_a_planted_file_of_gigabytes_is_never_held_whole(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB held"
+
+
+@needs_mount
+def test_a_killed_run_is_reported_failed_from_a_folder_the_reader_cannot_write(tmp_path):
+    """A read-only mount of output_dir (or a colleague's run): the probe of the lock needs only
+    read access, and a record it cannot write is reported all the same."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_status(out / "status.json", "running", 0, step=5)
+    fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live run holds the folder
+
+    def status() -> str:
+        cmd = f"mount --bind {out} {out} && mount -o remount,bind,ro {out} && exec {sys.executable} -m train.status " \
+              f"{out}"
+        r = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    assert status() == "running 0"
+    os.close(fd)  # the run is killed
+    assert status() == "failed 1"
+    assert read_status(out / "status.json")["outcome"] == "running"  # unwritten: the next run there records it
