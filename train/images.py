@@ -38,14 +38,18 @@ def find_pictures(folder: str | Path, key: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{key}={folder} is not a folder: point it at a folder of PNG, JPEG or TIFF pictures")
-    found, seen = [], set()
+    def identity(path: str | Path) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    found = []
+    seen = {identity(p) for p in root.resolve().parents}  # a link up the tree would take in all of it
     for top, folders, files in os.walk(root, followlinks=True):  # a linked subfolder's pictures count too
         folders.sort()  # the same walk everywhere: which of two ways to one folder counts is fixed
-        st = os.stat(top)
-        if (st.st_dev, st.st_ino) in seen:  # reached again through a link (a loop, or a second way): once only
+        if identity(top) in seen:  # reached again through a link (a loop, or a second way): once only
             folders.clear()
             continue
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(identity(top))
         found += [Path(top, f) for f in files if Path(f).suffix.lower() in EXTENSIONS and Path(top, f).is_file()]
     found.sort()
     if not found:

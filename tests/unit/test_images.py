@@ -51,6 +51,8 @@ def test_linked_subfolders_are_searched_once_and_a_loop_ends(tmp_path):
     (tmp_path / "a" / "linked").symlink_to(tmp_path / "elsewhere")  # pictures kept on another disk, say
     (tmp_path / "a" / "again").symlink_to(tmp_path / "elsewhere")  # the same folder a second way: counted once
     (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "a")  # back up the tree
+    write_pictures(tmp_path / "beside", [(40, 40)], seed=2)
+    (tmp_path / "a" / "up").symlink_to(tmp_path)  # above the folder: would take in every folder beside it
     found = [p.relative_to(tmp_path / "a").as_posix() for p in find_pictures(tmp_path / "a", "data.train_dir")]
     assert found == ["again/p0.png", "p0.png"]
 
