@@ -22,8 +22,8 @@ A model trained on pictures (data.dataset=images) denoises each picture at its o
 writes it back in its own format, size, mode and bit depth (8- or 16-bit gray, RGB; alpha
 kept as it was; palette and CMYK pictures come back as RGB, or gray where all their colours
 are, 1-bit ones as 8-bit gray; as PNG where Pillow cannot write that format in that mode):
-big pictures go through the model in tiles (--tile, with overlap, no seams), so memory stays
-bounded. --noise-sigma S corrupts them first (0-255 scale).
+big pictures go through the model in tiles (--tile, with overlap, no seams), and a folder's
+pictures one at a time, so memory stays bounded. --noise-sigma S corrupts them first (0-255 scale).
 
 `--noise-factor F` corrupts the inputs first with the checkpoint's noise kind (or
 `--noise-kind`) at level F and also writes the noisy versions (`*_noisy.*`): a way to see
@@ -36,6 +36,7 @@ Exit status 0 done, 2 a mistake to fix (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import io
 import os
@@ -96,7 +97,7 @@ class Item:
     digits, or one (1, C, H, W) picture), and how to write the result back."""
 
     source: Path
-    images: torch.Tensor
+    images: torch.Tensor | None  # None: a picture not read yet (read_inputs)
     kind: str  # "image" or "npy"; "picture" for a model trained on pictures (full size)
     inverted: bool = False
     npy_shape: tuple[int, ...] = ()
@@ -232,7 +233,9 @@ def denoise_picture(model: nn.Module, picture: torch.Tensor, channels: int, devi
 
 
 def read_inputs(paths: list[str], pictures: bool = False) -> list[Item]:
-    """Every input, in order; a folder stands for the files directly in it (sorted)."""
+    """Every input, in order; a folder stands for the files directly in it (sorted). A picture's
+    pixels are not kept (`images` None): `run` reads each again as it denoises it, so that one
+    picture at a time is held, however many there are."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -243,8 +246,8 @@ def read_inputs(paths: list[str], pictures: bool = False) -> list[Item]:
             raise DenoiseError(f"input {p} does not exist: give image files, .npy files or folders of them")
     if not files:
         raise DenoiseError(f"no input files in {', '.join(paths)}: give image files, .npy files or folders of them")
-    if pictures:
-        return [_read_picture(f) for f in files]
+    if pictures:  # read whole once here: a picture Pillow cannot read is refused before any is written
+        return [dataclasses.replace(_read_picture(f), images=None, alpha=None) for f in files]
     return [_read_npy(f) if f.suffix.lower() == ".npy" else _read_digit(f) for f in files]
 
 
@@ -381,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for item, (path, noisy_path) in zip(items, paths):
+            item = _read_picture(item.source) if pictures else item
             images = item.images
             if spec is not None:  # sample k of the call is keyed by k, whichever file holds it
                 index = torch.arange(done, done + len(images))
