@@ -232,7 +232,7 @@ def is_held(output_dir: Path) -> bool | None:
     mount, another user's run); never call it from the process that holds the lock (closing
     the probe's descriptor would drop that process's own lock)."""
     try:
-        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDONLY)
+        fd = _open_plain(Path(output_dir) / LOCK_FILE, os.O_RDONLY)  # a FIFO planted there would block the read
     except OSError:
         return None
     try:

@@ -114,3 +114,17 @@ def test_a_killed_run_is_reported_failed_from_a_folder_the_reader_cannot_write(t
     os.close(fd)  # the run is killed
     assert status() == "failed 1"
     assert read_status(out / "status.json")["outcome"] == "running"  # unwritten: the next run there records it
+
+
+def test_a_planted_fifo_for_run_lock_does_not_hang_the_status_reader(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    write_status(tmp_path / "status.json", "running", 0, step=5)
+    os.mkfifo(tmp_path / "run.lock")
+    r = subprocess.run([sys.executable, "-m", "train.status", str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "running 0\n"  # no lock to probe: the record as it is
