@@ -51,16 +51,6 @@ def stream_key(seed: int, epoch: int) -> int:
     return int(_mix32(key ^ _signed32(epoch)))
 
 
-def gaussian(indices: torch.Tensor, shape: tuple[int, ...], seed: int, epoch: int) -> torch.Tensor:
-    """Standard normal noise of shape (len(indices), *shape), float32, on `indices.device`.
-
-    Row i depends only on (seed, epoch, indices[i]): the same sample gets the same noise in
-    any batch, on any process. Box-Muller over two hashed uniforms per value. Epoch
-    EVAL_EPOCH is kept for the fixed evaluation noise.
-    """
-    return keyed_gaussian(indices, shape, stream_key(seed, epoch))
-
-
 def _uniforms(counter: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
     """A uniform in (0, 1) per int32 counter value, for the stream `key`."""
     bits = _mix32(_mix32(counter ^ key) + key)
@@ -90,8 +80,10 @@ def _pixel_uniforms(indices: torch.Tensor, numel: int, key: int | torch.Tensor,
 
 def keyed_gaussian(indices: torch.Tensor, shape: tuple[int, ...], key: int | torch.Tensor,
                    wide: bool = False) -> torch.Tensor:
-    """`gaussian` for the stream `key` = stream_key(seed, epoch): an int, or an int32 scalar
-    tensor on the device (so a compiled function serves every epoch without recompiling)."""
+    """Standard normal noise of shape (len(indices), *shape), float32, on `indices.device`, for
+    the stream `key` = stream_key(seed, epoch): an int, or an int32 scalar tensor on the device
+    (so a compiled function serves every epoch without recompiling). Row i depends only on
+    (key, indices[i]): the same sample gets the same noise in any batch, on any process."""
     u1, u2 = _pixel_uniforms(indices, math.prod(shape), key, wide)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)  # Box-Muller
     return z.view(len(indices), *shape)

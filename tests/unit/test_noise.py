@@ -8,23 +8,28 @@ import torch
 from train import noise
 
 
+def gaussian(indices: torch.Tensor, shape: tuple[int, ...], seed: int, epoch: int) -> torch.Tensor:
+    """The training noise of (seed, epoch) for `indices`, as the loop draws it."""
+    return noise.keyed_gaussian(indices, shape, noise.stream_key(seed, epoch))
+
+
 def test_same_sample_same_noise_in_any_batch_or_order():
     idx = torch.arange(200)
-    full = noise.gaussian(idx, (1, 28, 28), seed=3, epoch=2)
+    full = gaussian(idx, (1, 28, 28), seed=3, epoch=2)
     perm = torch.randperm(200, generator=torch.Generator().manual_seed(0))
-    shuffled = noise.gaussian(perm, (1, 28, 28), seed=3, epoch=2)
+    shuffled = gaussian(perm, (1, 28, 28), seed=3, epoch=2)
     assert torch.equal(shuffled, full[perm])
     # A "rank" holding every other sample, in batches of 7, gets the same rows.
     shard = idx[1::2]
-    pieces = torch.cat([noise.gaussian(b, (1, 28, 28), 3, 2) for b in shard.split(7)])
+    pieces = torch.cat([gaussian(b, (1, 28, 28), 3, 2) for b in shard.split(7)])
     assert torch.equal(pieces, full[1::2])
 
 
 def test_seed_and_epoch_change_the_noise():
     idx = torch.arange(50)
-    base = noise.gaussian(idx, (1, 28, 28), 0, 0)
-    for other in (noise.gaussian(idx, (1, 28, 28), 1, 0), noise.gaussian(idx, (1, 28, 28), 0, 1),
-                  noise.gaussian(idx, (1, 28, 28), 0, noise.EVAL_EPOCH)):
+    base = gaussian(idx, (1, 28, 28), 0, 0)
+    for other in (gaussian(idx, (1, 28, 28), 1, 0), gaussian(idx, (1, 28, 28), 0, 1),
+                  gaussian(idx, (1, 28, 28), 0, noise.EVAL_EPOCH)):
         assert (other - base).abs().mean() > 0.5  # independent draws differ by ~1.13 on average
     # Neighbouring samples are not shifted copies of each other.
     assert (base[1:] - base[:-1]).abs().mean() > 0.5
@@ -47,7 +52,7 @@ def test_noise_values_are_pinned():
                                                                  2291006.5, 2336562.5, 10065094.0]
     assert (u2.flatten()[picked].double() * 2**24).tolist() == [904552.5, 1818339.5, 14700.5, 15198248.0,
                                                                  1203317.5, 15653304.0, 12577972.0]
-    z = noise.gaussian(idx, (1, 28, 28), seed=0, epoch=3).flatten()
+    z = gaussian(idx, (1, 28, 28), seed=0, epoch=3).flatten()
     expected = [0.9132785797119141, 0.8696309924125671, 0.3288939893245697, 1.501509666442871,
                 1.7962861061096191, 1.8123070001602173, -0.001870261156000197]
     torch.testing.assert_close(z[picked], torch.tensor(expected), rtol=0, atol=1e-6)
@@ -58,7 +63,7 @@ def test_noise_values_are_pinned():
 
 
 def test_distribution_is_standard_normal():
-    z = noise.gaussian(torch.arange(4000), (1, 28, 28), 7, 0).flatten().double()  # 3.1 M values
+    z = gaussian(torch.arange(4000), (1, 28, 28), 7, 0).flatten().double()  # 3.1 M values
     assert abs(z.mean()) < 0.003 and abs(z.std() - 1) < 0.003
     # Quantiles of N(0, 1): P(z < q) for q = -2, -1, 0, 1, 2.
     for q, p in ((-2, 0.02275), (-1, 0.15866), (0, 0.5), (1, 0.84134), (2, 0.97725)):
@@ -72,7 +77,7 @@ def test_add_noise_is_the_reference_corruption():
     clean = torch.rand(64, 1, 28, 28)
     idx = torch.arange(100, 164)
     noisy = noise.add_noise(clean, idx, 0.5, seed=0, epoch=4)
-    expected = (clean + 0.5 * noise.gaussian(idx, (1, 28, 28), 0, 4)).clamp(0, 1)
+    expected = (clean + 0.5 * gaussian(idx, (1, 28, 28), 0, 4)).clamp(0, 1)
     assert torch.equal(noisy, expected)
     assert noisy.min() >= 0 and noisy.max() <= 1
     assert torch.equal(noise.add_noise(clean, idx, 0.0, 0, 4), clean)

@@ -39,7 +39,7 @@ def test_noise_key_as_device_tensor_matches_the_int_key():
     idx = torch.arange(50, 70)
     key = noise.stream_key(3, 7)
     as_tensor = noise.keyed_gaussian(idx, (1, 28, 28), torch.tensor(key, dtype=torch.int32))
-    assert torch.equal(as_tensor, noise.gaussian(idx, (1, 28, 28), 3, 7))
+    assert torch.equal(as_tensor, noise.keyed_gaussian(idx, (1, 28, 28), key))
 
 
 @pytest.mark.parametrize("spec", [noise.NoiseSpec(), noise.NoiseSpec("gaussian", 0.2, 0.8),
