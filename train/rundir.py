@@ -104,6 +104,8 @@ def open_no_link(path: Path, flags: int) -> int:
             raise _refused(path) from None
         if e.errno == errno.EINVAL:
             raise UserError(f"{path} is not a plain file: remove it, then run the same command") from None
+        if e.errno == errno.EISDIR:  # a folder put in its place (metrics.jsonl is appended to mid-run)
+            raise _misplaced(path) from None
         raise
 
 

@@ -121,8 +121,8 @@ def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(
             assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000010"], name
 
 
-@pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "samples linked", "checkpoints linked",
-                                  "folder deleted"])
+@pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "metrics a folder", "samples linked",
+                                  "checkpoints linked", "folder deleted"])
 def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist, tmp_path, what):
     out = tmp_path / "run"
     args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
@@ -135,6 +135,9 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     elif what == "metrics linked":
         os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
         (out / "metrics.jsonl").symlink_to(target)
+    elif what == "metrics a folder":
+        os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
+        (out / "metrics.jsonl").mkdir()
     elif what == "samples linked":  # before the first evaluation writes samples/
         theirs = tmp_path / "theirs"
         theirs.mkdir()
@@ -150,6 +153,9 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     [line] = error_lines(stderr)
     assert target.read_text() == "do not touch\n"
+    if what == "metrics a folder":
+        assert f"{out / 'metrics.jsonl'} is a folder, and the run writes its metrics.jsonl there" in line, line
+        return
     if what.endswith("linked"):
         linked = out / {"metrics linked": "metrics.jsonl", "samples linked": "samples"}.get(what, "checkpoints")
         assert f"{linked} is a symbolic link" in line, line
