@@ -122,7 +122,7 @@ def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(
 
 
 @pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "metrics a folder", "samples linked",
-                                  "checkpoints linked", "folder deleted"])
+                                  "samples a file", "checkpoints linked", "checkpoints a file", "folder deleted"])
 def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist, tmp_path, what):
     out = tmp_path / "run"
     args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
@@ -138,6 +138,11 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     elif what == "metrics a folder":
         os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
         (out / "metrics.jsonl").mkdir()
+    elif what in ("samples a file", "checkpoints a file"):  # samples/: before the first evaluation makes it
+        name = what.split()[0]
+        if (out / name).exists():
+            os.replace(out / name, tmp_path / f"moved-{name}")
+        (out / name).write_text("my notes\n")
     elif what == "samples linked":  # before the first evaluation writes samples/
         theirs = tmp_path / "theirs"
         theirs.mkdir()
@@ -155,6 +160,11 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     assert target.read_text() == "do not touch\n"
     if what == "metrics a folder":
         assert f"{out / 'metrics.jsonl'} is a folder, and the run writes its metrics.jsonl there" in line, line
+        return
+    if what.endswith("a file"):
+        name = what.split()[0]
+        assert f"{out / name} is not a folder, and the run writes its {name} there" in line, line
+        assert (out / name).read_text() == "my notes\n"
         return
     if what.endswith("linked"):
         linked = out / {"metrics linked": "metrics.jsonl", "samples linked": "samples"}.get(what, "checkpoints")
