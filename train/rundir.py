@@ -268,12 +268,7 @@ class RunDir:
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             notes = self._lock()
-            self.check()  # samples/, checkpoints/ or wandb/ linked, or a file in their place
-            # A folder where the run writes a file would end it after training: status.json is
-            # recorded, and the weights written, by code that cannot refuse in one line.
-            for entry in (self.path / STATUS_FILE, self.path / WEIGHTS):
-                if entry.is_dir() and not entry.is_symlink():
-                    raise _misplaced(entry)
+            self.check()  # samples/, checkpoints/ or wandb/ linked, or a file and a folder swapped
             previous = read_status(self.path / STATUS_FILE)
             if previous is not None and previous["outcome"] == "running":  # its holder is gone: we hold the lock
                 write_status(self.path / STATUS_FILE, "failed", 1, previous.get("step"), STALE_RUN)
@@ -351,13 +346,16 @@ class RunDir:
             time.sleep(0.2)
 
     def check(self) -> None:
-        """Raise FolderLost unless run.lock is still the file this process locked, and refuse a
-        folder the run writes into that has become a link (LinkRefused) or a file."""
-        for name in FOLDERS:
-            if (self.path / name).is_symlink():  # written into and pruned: a link would do that in its target
-                raise _refused(self.path / name)
-            if (self.path / name).exists() and not (self.path / name).is_dir():
-                raise _misplaced(self.path / name)
+        """Raise FolderLost unless run.lock is still the file this process locked; refuse a folder
+        the run writes into that has become a link (LinkRefused), and a file where a folder of
+        the run's goes or the reverse: the weights and status.json are written, at the end, by
+        code that cannot refuse them in one line."""
+        for name in (*FOLDERS, STATUS_FILE, WEIGHTS):
+            entry = self.path / name
+            if name in FOLDERS and entry.is_symlink():  # written into and pruned: a link would do that in its target
+                raise _refused(entry)
+            if entry.exists() and not entry.is_symlink() and entry.is_dir() != (name in FOLDERS):
+                raise _misplaced(entry)
         if self.identity is None:
             return  # not the holder, or the filesystem has no locks: nothing to keep
         try:

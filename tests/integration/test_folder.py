@@ -122,7 +122,8 @@ def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(
 
 
 @pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "metrics a folder", "samples linked",
-                                  "samples a file", "checkpoints linked", "checkpoints a file", "folder deleted"])
+                                  "samples a file", "checkpoints linked", "checkpoints a file", "weights a folder",
+                                  "folder deleted"])
 def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist, tmp_path, what):
     out = tmp_path / "run"
     args = LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}"]
@@ -138,6 +139,8 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     elif what == "metrics a folder":
         os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
         (out / "metrics.jsonl").mkdir()
+    elif what == "weights a folder":  # where the run writes model.safetensors as it ends
+        (out / "model.safetensors" / "mine").mkdir(parents=True)
     elif what in ("samples a file", "checkpoints a file"):  # samples/: before the first evaluation makes it
         name = what.split()[0]
         if (out / name).exists():
@@ -160,6 +163,10 @@ def test_a_folder_taken_from_a_running_run_stops_it_in_one_line(synthetic_mnist,
     assert target.read_text() == "do not touch\n"
     if what == "metrics a folder":
         assert f"{out / 'metrics.jsonl'} is a folder, and the run writes its metrics.jsonl there" in line, line
+        return
+    if what == "weights a folder":
+        assert f"{out / 'model.safetensors'} is a folder, and the run writes its model.safetensors there" in line
+        assert [p.name for p in (out / "model.safetensors").iterdir()] == ["mine"]
         return
     if what.endswith("a file"):
         name = what.split()[0]
