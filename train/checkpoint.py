@@ -89,15 +89,24 @@ def remove_unfinished(output_dir: Path) -> list[str]:
     notes = []
     for path in sorted(root.glob(".old-step_*")) if root.is_dir() else []:
         final = root / path.name.removeprefix(".old-")
-        if final.exists():
-            shutil.rmtree(path, ignore_errors=True)
+        if final.exists() or path.is_symlink() or not path.is_dir():
+            _discard(path)
         else:
             os.replace(path, final)
             notes.append(f"restored {final}, which a save of the same step had set aside before it was killed")
     leftovers = sorted(root.glob(".tmp-step_*")) if root.is_dir() else []
     for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
+        _discard(path)
     return notes + [f"removed {path}, a checkpoint whose writing never finished" for path in leftovers]
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder, or what was put in its place: a link is removed, never followed
+    (a save into a planted link would write over the files where it points)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _file_digest(path: Path) -> dict:
@@ -187,7 +196,7 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
     final = root / f"step_{state.step:08d}"
     tmp = root / f".tmp-step_{state.step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash mid-save
+        _discard(tmp)  # leftovers of a crash mid-save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     fault_point("in_save", state.step, accelerator.process_index)
@@ -200,14 +209,14 @@ def save(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep_l
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         old = root / f".old-{final.name}"
         if final.exists():  # the same step saved again (a stop at an epoch's end, then its evaluation)
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
             os.replace(final, old)  # set aside, not deleted, until the new one is in its place
             fault_point("in_resave", state.step, accelerator.process_index)
         os.replace(tmp, final)
         _INTACT.add(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
         for old in _prunable(output_dir, keep_last):
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -50,9 +50,14 @@ def test_no_write_goes_through_a_link_planted_in_the_folder(synthetic_mnist, tmp
     for name in ("config.yaml", "setup.json", ".status.json.tmp", "status.json.tmp", ".metrics.jsonl.tmp"):
         (out / name).unlink(missing_ok=True)
         (out / name).symlink_to(target)
+    mine = tmp_path / "mine"  # where the save of step 20 would write, through a link named as its folder
+    (mine / "model.safetensors").parent.mkdir()
+    (mine / "model.safetensors").write_text("my model\n")
+    (out / "checkpoints" / ".tmp-step_00000020").symlink_to(mine, target_is_directory=True)
     r = run_main(args + ["train.epochs=2"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert target.read_text() == "do not touch\n"
+    assert target.read_text() == "do not touch\n" and _files(mine) == {mine / "model.safetensors": b"my model\n"}
+    assert not (out / "checkpoints" / "step_00000020").is_symlink()
     assert not (out / "config.yaml").is_symlink() and "train" in (out / "config.yaml").read_text()
     # run.lock as a link: refused in one line before anything is written.
     (out / "run.lock").unlink()
