@@ -75,7 +75,8 @@ class NullTracker:
 class Tracker(NullTracker):
     """The main process's tracker. `resume` trims metrics.jsonl to what the checkpoint being
     resumed had seen, so a resumed run's metrics have no gaps and no duplicates: (its step,
-    the records it counted or -1 for an older checkpoint that did not count them)."""
+    the records it counted or -1 for an older checkpoint that did not count them); None, for a
+    new run or one started from another run's checkpoint, keeps none of the folder's records."""
 
     def __init__(self, rundir: RunDir, config: dict[str, Any], wandb_mode: str, wandb_project: str,
                  run_id: str, resume: tuple[int, int] | None) -> None:

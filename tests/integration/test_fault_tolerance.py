@@ -193,6 +193,16 @@ def test_a_run_started_from_another_runs_checkpoint_resumes_its_own_and_is_a_run
     assert run_id(out) != started_from and run_id(whole) != started_from
 
 
+def test_a_run_started_from_another_runs_checkpoint_in_a_killed_runs_folder_keeps_none_of_its_history(
+        synthetic_mnist, tmp_path, straight, killed):
+    out = killed("after_step:6", tmp_path / "run")  # logged step 4, killed before its first checkpoint
+    assert [m["step"] for m in read_metrics(out)] == [4] and not list((out / "checkpoints").glob("step_*"))
+    start = straight / "checkpoints" / "step_00000024"
+    _ok(run_main(RUN + [f"data.root={synthetic_mnist}", f"output_dir={out}", f"checkpoint.resume={start}"]))
+    assert read_metrics(out)[0]["step"] > 24  # neither the killed run's lines nor the other run's
+    assert _trajectory(out) == [t for t in _trajectory(straight) if t[0] > 24]
+
+
 def test_resuming_with_settings_that_change_the_meaning_is_refused(synthetic_mnist, tmp_path, straight):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
