@@ -30,7 +30,7 @@ pictures one at a time, so memory stays bounded. --noise-sigma S corrupts them f
 the model work on clean digits. No input file is ever overwritten: an --out that would do so
 is refused, as is one that already holds a file of this run's results, unless --overwrite
 (each result is written whole, and a link in --out is replaced, never written through).
-Exit status 0 done, 2 a mistake to fix (one line on stderr).
+Exit status 0 done, 2 a mistake to fix (one line on stderr), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import io
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -411,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C
+        if debug:
+            raise
+        print("error: interrupted: each result written so far is whole; run the same command with --overwrite to "
+              "finish", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -146,8 +146,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a failed write (a full disk, a folder at `path`) leaves nothing behind
+    except BaseException:  # a failed write (a full disk, a folder at `path`) or a Ctrl-C leaves nothing behind
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -202,33 +202,66 @@ def test_results_already_in_out_are_refused_unless_overwrite_which_replaces_link
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.npy"]  # no temporary file left
 
 
-def test_a_folder_of_pictures_is_denoised_one_picture_at_a_time(tmp_path, capsys):
-    """However many pictures a folder holds, one is held at a time (numpy's allocations, traced)."""
-    import tracemalloc
-
+@pytest.fixture(scope="module")
+def picture_run(tmp_path_factory) -> Path:
+    """A gray picture model (data.dataset=images), untrained: what it outputs does not matter here."""
     from safetensors.torch import save_file
 
-    from conftest import write_pictures
     from train.config import load_config
     from train.model import build_model
 
-    run = tmp_path / "run"  # a gray picture model, untrained: what it outputs does not matter here
+    run = tmp_path_factory.mktemp("pictures") / "run"
     run.mkdir()
     cfg = load_config(None, ["data.dataset=images", "data.train_dir=x", "data.test_dir=x", "data.channels=1",
                              "model.name=unet", "model.unet.channels=4", "model.unet.levels=1"])
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     save_file(build_model("unet", **cfg.model.settings(), **cfg.data.model_settings()).state_dict(),
               str(run / "model.safetensors"))
+    return run
+
+
+def test_a_folder_of_pictures_is_denoised_one_picture_at_a_time(picture_run, tmp_path, capsys):
+    """However many pictures a folder holds, one is held at a time (numpy's allocations, traced)."""
+    import tracemalloc
+
+    from conftest import write_pictures
+
     write_pictures(tmp_path / "in", [(600, 600)] * 24, channels=1)  # 1.4 MB each as float32, 35 MB in all
     tracemalloc.start()
     try:
-        assert main(["--checkpoint", str(run), "--out", str(tmp_path / "out"), str(tmp_path / "in")]) == 0
+        assert main(["--checkpoint", str(picture_run), "--out", str(tmp_path / "out"), str(tmp_path / "in")]) == 0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert capsys.readouterr().out.startswith("denoised 24 pictures (8.64 megapixels) at full size")
     assert len(list((tmp_path / "out").iterdir())) == 24
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB held"
+
+
+def test_ctrl_c_is_one_line_and_leaves_only_whole_results(picture_run, tmp_path):
+    import signal
+    import time
+
+    from conftest import write_pictures
+
+    write_pictures(tmp_path / "in", [(800, 800)] * 6, channels=1)
+    out = tmp_path / "out"
+    # Tiles of 16 pixels: about a second a picture, so the signal lands before the last one.
+    proc = subprocess.Popen([sys.executable, "-m", "train.denoise", "--checkpoint", str(picture_run), "--tile", "16",
+                             "--out", str(out), str(tmp_path / "in")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "p0.png").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # mid-picture: writing p1.png or denoising it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == ("error: interrupted: each result written so far is whole; "
+                                                      "run the same command with --overwrite to finish")
+    written = sorted(p.name for p in out.iterdir())
+    assert written and len(written) < 6 and all(not n.startswith(".") for n in written)  # no temporary file
+    for name in written:
+        with Image.open(out / name) as im:
+            im.load()  # whole
 
 
 def test_names_with_dots_keep_every_output(run_dir, digits, tmp_path, capsys):
