@@ -30,7 +30,8 @@ pictures one at a time, so memory stays bounded. --noise-sigma S corrupts them f
 the model work on clean digits. No input file is ever overwritten: an --out that would do so
 is refused, as is one that already holds a file of this run's results, unless --overwrite
 (each result is written whole, and a link in --out is replaced, never written through).
-Exit status 0 done, 2 a mistake to fix (one line on stderr), 130 interrupted (Ctrl-C).
+Exit status 0 done, 2 a mistake to fix (one line on stderr), 128 + the signal's number when
+interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: each result written so far is whole).
 """
 
 from __future__ import annotations
@@ -403,8 +404,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("DENOISE_DEBUG") == "1"
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a kill or a closed terminal ends it as Ctrl-C does
+        if signal.getsignal(sig) != signal.SIG_IGN:  # under nohup: asked to outlive the terminal
+            signal.signal(sig, _interrupt)
     try:
         return run(parse_args(argv))
     except UserError as e:
@@ -412,12 +420,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C
+    except KeyboardInterrupt as e:  # Ctrl-C, or a signal `_interrupt` took
         if debug:
             raise
         print("error: interrupted: each result written so far is whole; run the same command with --overwrite to "
               "finish", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -238,8 +239,8 @@ def test_a_folder_of_pictures_is_denoised_one_picture_at_a_time(picture_run, tmp
     assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB held"
 
 
-def test_ctrl_c_is_one_line_and_leaves_only_whole_results(picture_run, tmp_path):
-    import signal
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_ctrl_c_or_a_kill_is_one_line_and_leaves_only_whole_results(picture_run, tmp_path, signum):
     import time
 
     from conftest import write_pictures
@@ -253,9 +254,9 @@ def test_ctrl_c_is_one_line_and_leaves_only_whole_results(picture_run, tmp_path)
     deadline = time.monotonic() + 120
     while not (out / "p0.png").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # mid-picture: writing p1.png or denoising it
+    proc.send_signal(signum)  # mid-picture: writing p1.png or denoising it
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip() == ("error: interrupted: each result written so far is whole; "
+    assert proc.returncode == 128 + signum and err.strip() == ("error: interrupted: each result written so far is whole; "
                                                       "run the same command with --overwrite to finish")
     written = sorted(p.name for p in out.iterdir())
     assert written and len(written) < 6 and all(not n.startswith(".") for n in written)  # no temporary file
