@@ -137,11 +137,19 @@ def build_splits(dc, accelerator, notes: list[str]) -> tuple:
         from train.images import load_patches
 
         return load_patches(dc, accelerator.device, notes)
-    # Download once: the global main process first, then (for nodes without a shared
-    # filesystem) each node's local main process, then everyone else reads the files.
-    with accelerator.main_process_first(), accelerator.local_main_process_first():
-        splits = load_mnist(dc.root, dc.download, accelerator.device, dc.train_samples, dc.test_samples,
-                            dc.download_timeout_s)
+    from train.distributed import decided_on_main
+
+    def load() -> tuple[Split, Split]:
+        return load_mnist(dc.root, dc.download, accelerator.device, dc.train_samples, dc.test_samples,
+                          dc.download_timeout_s)
+
+    # Download once: the global main process first (its DataError, e.g. no data and no network,
+    # stops every rank at once instead of leaving them waiting for it), then each node's main
+    # process (for nodes without a shared filesystem), then everyone else reads the files.
+    loaded: list = []
+    decided_on_main(accelerator, lambda: loaded.append(load()))
+    with accelerator.local_main_process_first():
+        splits = loaded[0] if loaded else load()
     for key, asked, split in zip(("train", "test"), (dc.train_samples, dc.test_samples), splits):
         if asked > len(split):
             notes.append(f"data.{key}_samples={asked} is more than the {len(split)} {key} images in {dc.root}: "

@@ -125,7 +125,7 @@ def build_accelerator(mixed_precision: str, collective_timeout_s: int = 600) -> 
 
 def decided_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     """What `decide()` returns on the global main process, on every rank; a UserError it raises
-    there is raised on every rank. For what only the main process may do or judge (the folder,
+    there is raised on every rank (and printed by the main process alone). For what only the main process may do or judge (the folder,
     the checkpoint to resume), which another node may see otherwise."""
     outcome: list = [None, None]
     if accelerator.is_main_process:
@@ -136,6 +136,8 @@ def decided_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     if accelerator.num_processes > 1:
         outcome = broadcast_object_list(outcome)
     if outcome[1] is not None:
+        if not accelerator.is_main_process:  # the main process alone prints it
+            outcome[1].node_local = False
         raise outcome[1]
     return outcome[0]
 

@@ -227,6 +227,22 @@ def test_ranks_given_different_settings_or_data_are_refused_before_training(synt
 
 
 @pytest.mark.slow
+def test_data_missing_on_two_ranks_is_one_line_and_each_rank_records_it(tmp_path):
+    """The main process reads (or downloads) MNIST first: its error used to leave the other rank
+    waiting for it, which then printed and recorded a lost peer, a fault of the cluster's."""
+    out = tmp_path / "run"
+    r = run_main(SMALL + [f"data.root={tmp_path / 'none'}", "data.download=false", f"output_dir={out}"],
+                 launcher=accelerate_cpu(2), env={"DENOISE_STATUS_FILE": str(tmp_path / "rank-{rank}.json")})
+    assert r.returncode != 0 and error_lines(r.stderr) == [
+        f"error: MNIST not found in {tmp_path / 'none' / 'MNIST' / 'raw'} and data.download is false: put the four "
+        f"MNIST IDX files there or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"]
+    for rank in (0, 1):  # what slurm/denoise.sh reads: a mistake to fix (2), not a lost node (1)
+        record = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert (record["outcome"], record["exit_code"]) == ("failed", 2), record
+    assert not out.exists()
+
+
+@pytest.mark.slow
 @needs_mount
 def test_an_output_dir_that_a_rank_does_not_share_is_refused_before_training(synthetic_mnist, tmp_path):
     """Every rank writes its part of each checkpoint into output_dir: with output_dir on each
