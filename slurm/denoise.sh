@@ -8,7 +8,7 @@
 #   sbatch slurm/denoise.sh --config configs/default.yaml data.root=/shared/mnist
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/denoise.sh output_dir=/shared/runs/big
 # Settings: #SBATCH lines below (or sbatch flags), and these environment variables:
-#   OUTPUT_DIR (or an output_dir=... argument), MIXED_PRECISION, NGPU, NPROC_CPU,
+#   OUTPUT_DIR (over the config file's output_dir; an output_dir=... argument wins), MIXED_PRECISION, NGPU, NPROC_CPU,
 #   MASTER_PORT, MAX_REQUEUES (default 5: preemptions and time limits),
 #   MAX_NODE_REQUEUES (default 2: bad nodes, each requeue without the node), PYTHON.
 #SBATCH --job-name=denoise
@@ -39,10 +39,9 @@ if [ -n "${DENOISE_SWEEP:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # a t
     mapfile -t args <<< "$task"
     set -- "${args[@]}"  # the sweep's config and overrides, this task's point, then output_dir
 fi
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/${SLURM_JOB_NAME:-denoise}}
-for arg in "$@"; do
-    case "$arg" in output_dir=*) OUTPUT_DIR=${arg#output_dir=} ;; esac
-done
+# The run's folder, as train/main.py reads it: an output_dir= argument, else OUTPUT_DIR, else the
+# config file's output_dir (a config mistake ends the job here, in one line).
+OUTPUT_DIR=$("${PYTHON:-python}" "$REPO/slurm/output_dir.py" ${OUTPUT_DIR:+"output_dir=$OUTPUT_DIR"} "$@") || exit 2
 MAX_REQUEUES=${MAX_REQUEUES:-5}
 MAX_NODE_REQUEUES=${MAX_NODE_REQUEUES:-2}
 RESTARTS=${SLURM_RESTART_COUNT:-0}

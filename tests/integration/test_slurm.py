@@ -89,17 +89,39 @@ def test_a_two_node_job_preempted_checkpoints_requeues_and_resumes_exactly(slurm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_user_error_is_not_requeued_and_its_exit_code_propagates(slurm, synthetic_mnist, tmp_path):
+# A config mistake, found by the script before any job step; a mistake found at start-up (no data).
+@pytest.mark.parametrize("mistake,error", [
+    ("train.lr=-1", "error: config key 'train.lr' must be > 0"),
+    ("data.root=/nonexistent", "error: MNIST not found in /nonexistent/MNIST/raw and data.download is false")])
+def test_user_error_is_not_requeued_and_its_exit_code_propagates(slurm, synthetic_mnist, tmp_path, mistake, error):
     out = tmp_path / "run"
-    proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["train.lr=-1"])
+    proc = sbatch(tmp_path, interruptible(synthetic_mnist, out, 4) + ["data.download=false", mistake])
     stdout, stderr = proc.communicate(timeout=QUEUED_S + 180)
     job = stdout.strip().split(";")[0]
     log = log_of(tmp_path)
     assert proc.returncode == 2, log + stderr
-    assert "error: config key 'train.lr' must be > 0" in log and "requeueing" not in log
+    assert error in log and "requeueing" not in log and "lost contact" not in log, log
     assert job_field(job, "Restarts") == "0"
-    # The job's own record told the script "failed, 2"; a run refused at start-up writes no status.json.
-    assert "training ended: failed" in log and not (out / "status.json").exists()
+    assert not (out / "status.json").exists()  # a run refused at start-up writes none
+    if mistake.startswith("data."):  # the job's own record told the script "failed, 2"
+        assert "training ended: failed" in log
+    else:
+        assert not out.exists()
+
+
+def test_a_job_writes_to_the_output_dir_of_its_config_file(slurm, synthetic_mnist, tmp_path):
+    out = tmp_path / "from_config"
+    config = yaml.safe_load((REPO / "configs" / "debug.yaml").read_text())
+    config.update(output_dir=str(out))
+    config["data"].update(root=str(synthetic_mnist), train_samples=200, test_samples=100)
+    config["logging"] = {**config.get("logging", {}), "wandb_mode": "disabled"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    proc = sbatch(tmp_path, ["--config", str(tmp_path / "run.yaml"), "train.epochs=1"], per_node=1, nodes="1")
+    stdout, stderr = proc.communicate(timeout=QUEUED_S + 180)
+    log = log_of(tmp_path)
+    assert proc.returncode == 0, log + stderr
+    assert f"output {out}" in log and json.loads((out / "status.json").read_text())["outcome"] == "completed"
+    assert (out / "model.safetensors").exists() and not list(out.glob(".job-*"))
 
 
 def _pids_on(node: str, out: Path) -> list[int]:

@@ -49,3 +49,20 @@ def test_wandb_rebuild_skips_metrics_lines_that_are_not_records(tmp_path):
         r = _run("slurm/wandb_rebuild.py", str(out))
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(error_lines(r.stderr)) == 1, r.stderr
         assert str(out / "config.yaml") in r.stderr
+
+
+def test_the_slurm_script_finds_the_output_dir_as_training_reads_it(tmp_path):
+    """slurm/output_dir.py: the config file's output_dir, unless an override (OUTPUT_DIR, which
+    slurm/denoise.sh passes first, or an output_dir= argument after it) names another."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "from_yaml"), "train": {"epochs": 1}}))
+    for args, expected in ((["--config", str(config)], tmp_path / "from_yaml"),
+                           ([f"output_dir={tmp_path / 'env'}", "--config", str(config)], tmp_path / "env"),
+                           ([f"output_dir={tmp_path / 'env'}", "--config", str(config), "output_dir=~/arg"],
+                            os.path.expanduser("~/arg")),
+                           ([], Config().output_dir)):
+        r = _run("slurm/output_dir.py", *args)
+        assert r.returncode == 0 and r.stdout == f"{expected}\n", (args, r.stderr)
+    r = _run("slurm/output_dir.py", "--config", str(config), "train.lr=-1")
+    assert r.returncode == 2 and r.stdout == "" and error_lines(r.stderr) == [
+        "error: config key 'train.lr' must be > 0, got -1.0"]
