@@ -16,8 +16,8 @@ class UserError(Exception):
     """A problem the user caused and can fix; the message names the problem and the fix."""
 
     node_local = False
-    """True where another node may not see the problem (its own disk): every rank that meets
-    it prints it; otherwise every rank meets the same error and only rank 0 prints it"""
+    """True where another node may not see the problem (its own disk): the main process of each
+    node that meets it prints it; otherwise every rank meets the same error and only rank 0 prints it"""
 
 
 class DataError(UserError):

@@ -66,7 +66,8 @@ class RunStatus:
       checkpoint is compatible): a run refused at start-up leaves the last run's record.
     Into a shared file only the main process records, except `failed`, which any rank may
     record: the launcher may kill the main process before it can. Until the accelerator says
-    which process is the main one (`is_main`), the launcher's RANK does."""
+    which process is the main one (`is_main`, and of its node `is_local_main`), the launcher's
+    RANK (and LOCAL_RANK) does."""
 
     def __init__(self) -> None:
         from_env = os.environ.get("DENOISE_STATUS_FILE", "")
@@ -75,6 +76,7 @@ class RunStatus:
         if self.own is not None:
             self.own.parent.mkdir(parents=True, exist_ok=True)  # the job's folder; never output_dir (see disown)
         self.is_main = rank == "0"
+        self.is_local_main = os.environ.get("LOCAL_RANK", "0") == "0"  # this node's main process
         self.step: int | None = None
         self.rundir: RunDir | None = None  # the claimed folder, until the run loses it
         self.accepted = False  # from then on OUTPUT_DIR/status.json is recorded too
@@ -230,7 +232,7 @@ def ended(e: BaseException, status: RunStatus, debug: bool) -> int:
     status.record("failed", 2, str(error))
     if debug:
         raise
-    if status.is_main or error.node_local:  # the same error on every rank: print it once
+    if status.is_main or (error.node_local and status.is_local_main):  # once, or once a node
         print(f"error: {error}", file=sys.stderr, flush=True)
     return 2
 

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
     lifecycle.watch_launcher(stop)
     accelerator = build_accelerator(cfg.train.mixed_precision, cfg.train.collective_timeout_s)
     status.is_main = accelerator.is_main_process  # the one source of "main process" from here on
+    status.is_local_main = accelerator.is_local_main_process
     check_perf(cfg.perf, cfg.train, accelerator)
     if cfg.train.exact_reduction:
         from train.exact import pin_kernels

@@ -227,15 +227,22 @@ def test_ranks_given_different_settings_or_data_are_refused_before_training(synt
 
 
 @pytest.mark.slow
-def test_data_missing_on_two_ranks_is_one_line_and_each_rank_records_it(tmp_path):
+@pytest.mark.parametrize("dataset", ["mnist", "images"])
+def test_data_missing_on_two_ranks_is_one_line_and_each_rank_records_it(tmp_path, dataset):
     """The main process reads (or downloads) MNIST first: its error used to leave the other rank
-    waiting for it, which then printed and recorded a lost peer, a fault of the cluster's."""
-    out = tmp_path / "run"
-    r = run_main(SMALL + [f"data.root={tmp_path / 'none'}", "data.download=false", f"output_dir={out}"],
-                 launcher=accelerate_cpu(2), env={"DENOISE_STATUS_FILE": str(tmp_path / "rank-{rank}.json")})
-    assert r.returncode != 0 and error_lines(r.stderr) == [
-        f"error: MNIST not found in {tmp_path / 'none' / 'MNIST' / 'raw'} and data.download is false: put the four "
-        f"MNIST IDX files there or point data.root at a folder that holds MNIST/raw/ (e.g. data.root=/path/to/data)"]
+    waiting for it, which then printed and recorded a lost peer, a fault of the cluster's. Every
+    rank reads the pictures: the ranks of one node meet the same error, which one of them prints."""
+    out, none = tmp_path / "run", tmp_path / "none"
+    data, error = ([f"data.root={none}", "data.download=false"],
+                   f"error: MNIST not found in {none / 'MNIST' / 'raw'} and data.download is false: put the four "
+                   f"MNIST IDX files there or point data.root at a folder that holds MNIST/raw/ (e.g. "
+                   f"data.root=/path/to/data)") if dataset == "mnist" else \
+        (["data.dataset=images", f"data.train_dir={none}", f"data.test_dir={none}", "model.name=unet",
+          "data.train_samples=0", "data.test_samples=0"],
+         f"error: data.train_dir={none} is not a folder: point it at a folder of PNG, JPEG or TIFF pictures")
+    r = run_main(SMALL + data + [f"output_dir={out}"], launcher=accelerate_cpu(2),
+                 env={"DENOISE_STATUS_FILE": str(tmp_path / "rank-{rank}.json")})
+    assert r.returncode != 0 and error_lines(r.stderr) == [error], r.stderr[-3000:]
     for rank in (0, 1):  # what slurm/denoise.sh reads: a mistake to fix (2), not a lost node (1)
         record = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert (record["outcome"], record["exit_code"]) == ("failed", 2), record
