@@ -124,10 +124,9 @@ def run(args: argparse.Namespace, status: lifecycle.RunStatus, stop: lifecycle.S
 
     setup = {**describe(accelerator), "global_batch": plan.global_batch,
              "per_device_batch": plan.per_device_batch_size, "lr": plan.peak_lr}
-    tracker = build_tracker(accelerator, rundir, {**cfg.to_dict(), "setup": setup}, cfg.logging.wandb_mode,
+    tracker = build_tracker(accelerator, rundir, cfg.to_dict(), setup, cfg.logging.wandb_mode,
                             cfg.logging.wandb_project, state.run_id,
                             resume=(state.step, state.metrics_lines) if own else None)  # else a new history
-    tracker.write_run_files(cfg.to_dict(), setup)
     log_start(tracker, cfg, setup, sum(p.numel() for p in model.parameters()), notes)
     if resume_from is not None:
         tracker.info(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch}; "

@@ -25,6 +25,7 @@ from torch import nn
 
 from train import metrics, noise
 from train.data import Split
+from train.distributed import decided_on_main
 from train.errors import UserError, brief
 from train.rundir import RunDir, read_own
 
@@ -53,9 +54,6 @@ class NullTracker:
     def log(self, metrics: dict[str, Any]) -> None:
         pass
 
-    def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
-        pass
-
     def save_image(self, key: str, step: int, render: Callable[[], bytes]) -> None:
         pass
 
@@ -78,8 +76,8 @@ class Tracker(NullTracker):
     the records it counted or -1 for an older checkpoint that did not count them); None, for a
     new run or one started from another run's checkpoint, keeps none of the folder's records."""
 
-    def __init__(self, rundir: RunDir, config: dict[str, Any], wandb_mode: str, wandb_project: str,
-                 run_id: str, resume: tuple[int, int] | None) -> None:
+    def __init__(self, rundir: RunDir, config: dict[str, Any], setup: dict[str, Any], wandb_mode: str,
+                 wandb_project: str, run_id: str, resume: tuple[int, int] | None) -> None:
         self.rundir = rundir  # every write goes through it: the folder must still be this run's
         output_dir = rundir.path
         self.metrics_path = output_dir / METRICS_FILE
@@ -94,11 +92,15 @@ class Tracker(NullTracker):
                 _check_wandb_reachable()
             try:  # mode is passed explicitly and WANDB_SILENT keeps it from ever prompting.
                 self._wandb = wandb.init(project=wandb_project, group=config["logging"]["wandb_group"] or None,
-                                         dir=str(output_dir), config=config, mode=wandb_mode, id=run_id,
+                                         dir=str(output_dir), config={**config, "setup": setup}, mode=wandb_mode,
+                                         id=run_id,
                                          resume="allow", settings=wandb.Settings(silent=True))
             except Exception as e:  # wandb raises its own types (no login, a refused key, a lost server)
                 raise UserError(f"wandb could not start a {wandb_mode} run ({brief(e)}): fix that (wandb login, "
                                 f"WANDB_API_KEY), or use logging.wandb_mode=offline and `wandb sync` later") from e
+        # config.yaml (the resolved config, reloadable with --config) and the setup in effect.
+        rundir.write("config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        rundir.write("setup.json", (json.dumps(setup, indent=1) + "\n").encode())
 
     def _trim_metrics(self, resume: tuple[int, int] | None) -> None:
         """Keep the records the checkpoint had seen, atomically. A line that is not a whole
@@ -168,11 +170,6 @@ class Tracker(NullTracker):
             self.info(f"warning: wandb stopped ({brief(e)}); metrics.jsonl holds every record, and "
                       f"python slurm/wandb_rebuild.py {self.rundir.path} makes a wandb run of it")
 
-    def write_run_files(self, config: dict[str, Any], setup: dict[str, Any]) -> None:
-        """config.yaml (the resolved config, reloadable with --config) and setup.json."""
-        self.rundir.write("config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-        self.rundir.write("setup.json", (json.dumps(setup, indent=1) + "\n").encode())
-
     def save_image(self, key: str, step: int, render: Callable[[], bytes]) -> None:
         """OUTPUT_DIR/<key's last part>/step_N.png, the PNG `render()` makes (only here, on the main
         process), and to wandb."""
@@ -223,13 +220,17 @@ def _check_wandb_reachable() -> None:
                         f"or check the network") from None
 
 
-def build_tracker(accelerator: Accelerator, rundir: RunDir, config: dict[str, Any], wandb_mode: str,
-                  wandb_project: str, run_id: str, resume: tuple[int, int] | None) -> NullTracker:
-    """The one place that decides who writes: the global main process, and nobody else."""
+def build_tracker(accelerator: Accelerator, rundir: RunDir, config: dict[str, Any], setup: dict[str, Any],
+                  wandb_mode: str, wandb_project: str, run_id: str, resume: tuple[int, int] | None) -> NullTracker:
+    """The one place that decides who writes: the global main process, and nobody else. Its
+    tracker's start (wandb's, the run's records) can fail there alone, which stops every rank."""
+    made: list[Tracker] = []
+    decided_on_main(accelerator, lambda: made.append(Tracker(rundir, config, setup, wandb_mode, wandb_project,
+                                                             run_id, resume)))
     if not accelerator.is_main_process:
         warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 shows the warnings
         return NullTracker()
-    return Tracker(rundir, config, wandb_mode, wandb_project, run_id, resume)
+    return made[0]
 
 
 def log_start(tracker: NullTracker, cfg, setup: dict[str, object], n_params: int, notes: list[str]) -> None:

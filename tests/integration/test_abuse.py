@@ -310,16 +310,25 @@ def test_a_stalled_download_times_out_with_one_line(tmp_path, stalled_proxy):
 
 
 @pytest.mark.slow
-def test_wandb_online_without_an_answering_server_is_one_line_at_once(synthetic_mnist, tmp_path, stalled_proxy):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_wandb_online_without_an_answering_server_is_one_line_at_once(synthetic_mnist, tmp_path, stalled_proxy, nproc):
+    """On 2 ranks too, where the main process alone starts wandb: the other rank used to wait for
+    it at the first step, then print a lost peer and record it over the main process's record."""
     _, held = stalled_proxy
     (url,) = {v for k, v in stalled_proxy[0].items() if k == "http_proxy"}  # the server that never answers
     t0 = time.time()
-    r = run_main(["--config", "configs/debug.yaml", f"data.root={synthetic_mnist}", f"output_dir={tmp_path / 'run'}",
-                  "logging.wandb_mode=online"], env={"WANDB_BASE_URL": url, "WANDB_API_KEY": "x" * 40}, timeout=120)
-    assert r.returncode == 2 and time.time() - t0 < 45 and held, r.stderr[-2000:]
+    out = tmp_path / "run"
+    r = run_main(["--config", "configs/debug.yaml", f"data.root={synthetic_mnist}", f"output_dir={out}",
+                  "logging.wandb_mode=online", "train.global_batch_size=20"],
+                 launcher=accelerate_cpu(2) if nproc > 1 else None, timeout=120,
+                 env={"WANDB_BASE_URL": url, "WANDB_API_KEY": "x" * 40,
+                      "DENOISE_STATUS_FILE": str(tmp_path / "rank-{rank}.json")})
+    assert r.returncode == (2 if nproc == 1 else 1) and time.time() - t0 < 45 and held, r.stderr[-2000:]
     [line] = error_lines(r.stderr)
     assert f"logging.wandb_mode=online, but the wandb server {url} did not answer within 10 s" in line
-    assert "logging.wandb_mode=offline" in line and "Traceback" not in r.stderr
+    assert "logging.wandb_mode=offline" in line and ("Traceback" not in r.stderr or nproc > 1)  # the launcher's
+    for record in [out / "status.json", *(tmp_path / f"rank-{rank}.json" for rank in range(nproc))]:
+        assert json.loads(record.read_text())["exit_code"] == 2, record.read_text()
 
 
 def test_a_stop_signal_during_start_up_ends_the_run_at_once(tmp_path, stalled_proxy):
