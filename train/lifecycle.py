@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from train.errors import UserError, brief, write_failure
-from train.rundir import STATUS_FILE, FolderLost, RunDir, write_status
+from train.rundir import STATUS_FILE, FolderLost, RunDir, read_status, write_status
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -65,7 +65,9 @@ class RunStatus:
     - OUTPUT_DIR/status.json only once the run is accepted (it holds the folder and its
       checkpoint is compatible): a run refused at start-up leaves the last run's record.
     Into a shared file only the main process records, except `failed`, which any rank may
-    record: the launcher may kill the main process before it can. Until the accelerator says
+    record while the file still says `running`: the launcher may kill the main process before
+    it can. When the main process fails it records first (its peers learn of it as it exits),
+    and its record names the cause, where theirs would say only that they lost it. Until the accelerator says
     which process is the main one (`is_main`, and of its node `is_local_main`), the launcher's
     RANK (and LOCAL_RANK) does."""
 
@@ -92,7 +94,8 @@ class RunStatus:
             self.rundir.abandon()
 
     def record(self, outcome: str, exit_code: int, message: str = "", stuck: bool = False) -> None:
-        shared = self.rundir is not None and self.accepted and (self.is_main or outcome == "failed")
+        shared = self.rundir is not None and self.accepted and (self.is_main or outcome == "failed" and (
+            read_status(self.rundir.path / STATUS_FILE) or {}).get("outcome") == "running")
         for path in ([self.rundir.path / STATUS_FILE] if shared else []) + ([self.own] if self.own else []):
             try:
                 write_status(path, outcome, exit_code, self.step, message, stuck=stuck)

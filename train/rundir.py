@@ -17,7 +17,7 @@
   folder in a file's place, is refused. A file is read only when it is a plain file, never through a link (`read_own`).
 - **Who writes what.** The main process writes every file here, except the checkpoints,
   which every rank writes its part of (train/checkpoint.py), and a `failed` status record,
-  which any rank may write: the launcher may kill the main process before it can
+  which any rank may write over a `running` one: the launcher may kill the main process before it can
   (train/lifecycle.py decides what is recorded).
 - **status.json**, for scripts: outcome = running | completed | preempted | failed, with the
   exit code, the last logged step and the node. A `running` whose holder is gone (no process

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import error_lines, read_metrics, run_main, start_main, wait_for_metrics
+from conftest import accelerate_cpu, error_lines, read_metrics, run_main, start_main, wait_for_metrics
 
 LONG = ["--config", "configs/debug.yaml", "data.train_samples=4000", "data.test_samples=100", "train.epochs=3",
         "logging.every_n_steps=10", "logging.wandb_mode=disabled", "checkpoint.every_n_steps=50"]
@@ -124,6 +124,23 @@ def test_a_fifo_a_device_or_a_file_in_place_of_the_runs_own_never_hangs_the_run(
         assert kind != "folder" or [p.name for p in planted.iterdir()] == ["mine"]
         if name != "checkpoints":  # nothing trained, nothing saved
             assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000010"], name
+
+
+@pytest.mark.slow
+def test_a_folder_taken_from_a_two_rank_run_keeps_the_main_processs_record(synthetic_mnist, tmp_path):
+    """The main process alone writes metrics.jsonl: it stops, and records why, before the other
+    rank learns that it lost it; that rank's record of a lost peer must not replace the cause."""
+    out = tmp_path / "run"
+    proc = start_main(LONG + [f"data.root={synthetic_mnist}", f"output_dir={out}", "train.global_batch_size=20"],
+                      launcher=accelerate_cpu(2))
+    wait_for_metrics(out, proc, lines=7)
+    os.replace(out / "metrics.jsonl", tmp_path / "moved.jsonl")
+    (out / "metrics.jsonl").mkdir()
+    _, stderr = proc.communicate(timeout=120)
+    refusal = f"{out / 'metrics.jsonl'} is a folder, and the run writes its metrics.jsonl there"
+    assert proc.returncode != 0 and any(refusal in line for line in error_lines(stderr)), stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert (status["outcome"], status["exit_code"]) == ("failed", 2) and refusal in status["message"], status
 
 
 @pytest.mark.parametrize("what", ["lock deleted", "metrics linked", "metrics a folder", "samples linked",
