@@ -93,6 +93,12 @@ class RunStatus:
         if self.rundir is not None and not self.accepted:
             self.rundir.abandon()
 
+    def main_recorded(self) -> bool:
+        """True on a rank other than the main one once the main process has recorded how the run
+        ended in status.json: it failed first, and said why."""
+        return not self.is_main and self.rundir is not None and self.accepted and (
+            read_status(self.rundir.path / STATUS_FILE) or {}).get("outcome") not in (None, "running")
+
     def record(self, outcome: str, exit_code: int, message: str = "", stuck: bool = False) -> None:
         shared = self.rundir is not None and self.accepted and (self.is_main or outcome == "failed" and (
             read_status(self.rundir.path / STATUS_FILE) or {}).get("outcome") == "running")
@@ -221,10 +227,12 @@ def ended(e: BaseException, status: RunStatus, debug: bool) -> int:
         return PREEMPTED_EXIT
     peer = lost_peer(e)
     if peer is not None:  # not this rank's fault: one line from each survivor (any may be alone)
+        quiet = status.main_recorded()  # the main process failed first and printed the cause
         status.record("failed", 1, peer)
         if debug:
             raise
-        print(f"error: {peer}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"error: {peer}", file=sys.stderr, flush=True)
         return 1
     if isinstance(e, FolderLost):
         status.disown()
