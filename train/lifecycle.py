@@ -93,15 +93,20 @@ class RunStatus:
         if self.rundir is not None and not self.accepted:
             self.rundir.abandon()
 
+    def _shared_outcome(self) -> str | None:
+        """The outcome OUTPUT_DIR/status.json holds, once the run is accepted there; else None."""
+        if self.rundir is None or not self.accepted:
+            return None
+        return (read_status(self.rundir.path / STATUS_FILE) or {}).get("outcome")
+
     def main_recorded(self) -> bool:
         """True on a rank other than the main one once the main process has recorded how the run
         ended in status.json: it failed first, and said why."""
-        return not self.is_main and self.rundir is not None and self.accepted and (
-            read_status(self.rundir.path / STATUS_FILE) or {}).get("outcome") not in (None, "running")
+        return not self.is_main and self._shared_outcome() not in (None, "running")
 
     def record(self, outcome: str, exit_code: int, message: str = "", stuck: bool = False) -> None:
-        shared = self.rundir is not None and self.accepted and (self.is_main or outcome == "failed" and (
-            read_status(self.rundir.path / STATUS_FILE) or {}).get("outcome") == "running")
+        shared = self.rundir is not None and self.accepted and (
+            self.is_main or outcome == "failed" and self._shared_outcome() == "running")
         for path in ([self.rundir.path / STATUS_FILE] if shared else []) + ([self.own] if self.own else []):
             try:
                 write_status(path, outcome, exit_code, self.step, message, stuck=stuck)
